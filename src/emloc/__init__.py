@@ -1,0 +1,8 @@
+"""emloc: compress many-shot demonstrations into a reusable per-layer KV task memory (EMLoC)."""
+from .compressor import EMLoC
+from .errors import EMLoCError
+from .memory import TaskMemory
+from .settings import Settings
+
+__all__ = ["EMLoC", "EMLoCError", "Settings", "TaskMemory"]
+__version__ = "0.1.0"

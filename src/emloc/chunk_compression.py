@@ -1,0 +1,169 @@
+"""One chunk of the EMLoC loop (ALGORITHM.md steps 1-5): prefill, probe, search, append.
+
+All tensors for one chunk live only while it is compressed; the memory is the only thing
+that grows with the number of demos.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from emloc_kernels import lm_head_js, rank_tokens, teacher_logsumexp
+
+from .attention import PrefixPlan, ProbePlan
+from .rendering import RenderedSequence
+
+
+def gather_rows(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):
+    """keys/values [Hkv, Lc, D], index [Hkv, k] -> the chosen rows per head, [Hkv, k, D] each."""
+    idx = index[:, :, None].expand(-1, -1, keys.shape[-1])
+    return torch.gather(keys, 1, idx), torch.gather(values, 1, idx)
+
+
+def candidate_sizes(ratios, chunk_len: int, n_protected: int) -> list:
+    """k = int(r * Lc), at least the protected count and 1, at most Lc (one per ratio)."""
+    return [min(chunk_len, max(int(r * chunk_len), n_protected, 1)) for r in ratios]
+
+
+def pyramid_ratios(keep_ratio: float, n_layers: int) -> list:
+    """PyramidKV-style linear schedule: 1.5x the mean at the bottom layer, 0.5x at the top."""
+    if n_layers == 1:
+        return [keep_ratio]
+    return [min(1.0, keep_ratio * (1.5 - l / (n_layers - 1))) for l in range(n_layers)]
+
+
+class ProbeBatch:
+    """The probe rows of a chunk: each demo alone, right-padded, after the chunk.
+
+    ids [B, L] int64, valid [B, L] bool (False at padding), observer [B, L] bool (answer spans),
+    positions [B, L] int64 (start + 0..L-1 for every row).
+    """
+
+    def __init__(self, rows: list, start: int, pad_id: int, device):
+        width = max(len(r.ids) for r in rows)
+        self.ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        self.valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        self.observer = torch.zeros(len(rows), width, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            self.ids[b, :len(row.ids)] = torch.tensor(row.ids)
+            self.valid[b, :len(row.ids)] = True
+            self.observer[b, :len(row.ids)] = torch.tensor(row.answer_mask)
+        self.ids, self.valid, self.observer = (t.to(device) for t in (self.ids, self.valid, self.observer))
+        self.positions = (start + torch.arange(width, device=device))[None].expand(len(rows), -1)
+
+
+class ChunkCompressor:
+    """Compresses chunks into a TaskMemory with the settings' method."""
+
+    def __init__(self, adapter, settings, pad_id: int):
+        self.adapter, self.settings, self.pad_id = adapter, settings, pad_id
+        self.backend = settings.backend
+
+    def compress(self, memory, chunk: RenderedSequence, probe_rows: list) -> dict:
+        """Append chunk `chunk` (with its demos alone in `probe_rows`) to `memory`; return stats."""
+        t0 = time.perf_counter()
+        a, s = self.adapter, self.settings
+        chunk_len = len(chunk.ids)
+        chunk_kv = self._prefill(memory, chunk.ids)
+        # per layer: (index [Hkv, k] or None = keep all, ratio, JS of the accepted test, tests run)
+        if s.method == "full" or (s.method == "emloc" and s.tolerance == 0):
+            decisions = [(None, 1.0, None, 0)] * a.n_layers
+        else:
+            probe = ProbeBatch(probe_rows, memory.offset + chunk_len, self.pad_id, a.device)
+            protected = torch.tensor(chunk.answer_mask, device=a.device)
+            layer_inputs, scores, teacher = self._probe(memory, chunk_kv, probe)
+            if s.method == "emloc":
+                decisions = self._search(memory, chunk_kv, probe, protected, layer_inputs, scores, teacher)
+            else:
+                decisions = self._fixed_schedule(chunk_len, protected, scores)
+        layer_stats = []
+        for l, (index, ratio, js, tests) in enumerate(decisions):
+            keys, values = chunk_kv[l]
+            if index is None:
+                index = torch.arange(chunk_len, device=keys.device)[None].expand(a.n_kv_heads, -1)
+            memory.layers[l].append(keys, values, index, backend=self.backend)
+            layer_stats.append({"layer": l, "kept": int(index.shape[1]), "ratio": ratio,
+                                "js": js, "tests": tests})
+        memory.offset += chunk_len
+        memory.context_length += chunk_len
+        return {"tokens": chunk_len, "demos": len(probe_rows), "seconds": time.perf_counter() - t0,
+                "layers": layer_stats}
+
+    # -- step 1: chunk prefill --------------------------------------------------------------
+    def _prefill(self, memory, ids: list) -> list:
+        """Run the chunk over the memory; return per layer its (keys, values) [Hkv, Lc, D]."""
+        a = self.adapter
+        ids_t = torch.tensor([ids], device=a.device)
+        positions = memory.offset + torch.arange(len(ids), device=a.device)[None]
+        hidden = a.embed(ids_t)
+        record = [None] * a.n_layers
+        plan = PrefixPlan(memory.kv(), record=record, backend=self.backend)
+        a.run_layers(hidden, positions, a.rotary(hidden, positions), 0, a.n_layers, plan)
+        return [(k[0], v[0]) for k, v in record]
+
+    # -- step 2-3: probe pass with importance scores ----------------------------------------
+    def _probe(self, memory, chunk_kv, probe: ProbeBatch):
+        """Returns (layer inputs [B, L, H] per layer, scores [Hkv, Lc] per layer, teacher [N, H])."""
+        a = self.adapter
+        hidden = a.embed(probe.ids)
+        self._rotary = a.rotary(hidden, probe.positions)
+        layer_inputs, scores = [None] * a.n_layers, {}
+        plan = ProbePlan(memory.kv(), dict(enumerate(chunk_kv)), probe.valid, probe.observer,
+                         scores=scores, backend=self.backend)
+        out = a.run_layers(hidden, probe.positions, self._rotary, 0, a.n_layers, plan,
+                           on_layer_input=layer_inputs.__setitem__)
+        teacher = a.final_norm(out)[probe.observer]
+        return layer_inputs, scores, teacher
+
+    # -- step 4: top-down search -------------------------------------------------------------
+    def _search(self, memory, chunk_kv, probe, protected, layer_inputs, scores, teacher) -> list:
+        a, s = self.adapter, self.settings
+        chunk_len = len(protected)
+        weight = a.lm_head.weight
+        teacher_lse = teacher_logsumexp(teacher, weight, backend=self.backend)
+        ks = candidate_sizes(s.ratios, chunk_len, int(protected.sum()))
+        kept_segments = {}  # layer -> (keys, values) of the accepted kept rows, layers above l
+        decisions = [None] * a.n_layers
+        for l in reversed(range(a.n_layers)):
+            candidates = rank_tokens(scores[l], protected, ks, s.pool_width, s.protect_bonus,
+                                     backend=self.backend)
+            decision, js, tests = (None, 1.0), 0.0, 0
+            for ratio, k, index in zip(s.ratios, ks, candidates):
+                if k >= chunk_len:  # keeps every token: the configuration already accepted above
+                    break
+                segments = dict(kept_segments)
+                segments[l] = gather_rows(*chunk_kv[l], index)
+                js = self._js(memory, probe, layer_inputs[l], l, segments, teacher, teacher_lse)
+                tests += 1
+                if js <= s.tolerance:
+                    decision = (index, ratio)
+                    break
+            index, ratio = decision
+            decisions[l] = (index, ratio, js if index is not None else None, tests)
+            kept_segments[l] = chunk_kv[l] if index is None else gather_rows(*chunk_kv[l], index)
+        return decisions
+
+    def _js(self, memory, probe, layer_input, start, segments, teacher, teacher_lse) -> float:
+        """Mean JS over answer positions of the probe restarted at layer `start` with `segments`."""
+        a = self.adapter
+        plan = ProbePlan(memory.kv(), segments, probe.valid, probe.observer, backend=self.backend)
+        out = a.run_layers(layer_input, probe.positions, self._rotary, start, a.n_layers, plan)
+        student = a.final_norm(out)[probe.observer]
+        js = lm_head_js(student, teacher, a.lm_head.weight, teacher_lse, backend=self.backend)
+        return max(0.0, float(js.mean()))
+
+    # -- baselines: fixed per-layer ratios by the same scores -----------------------------------
+    def _fixed_schedule(self, chunk_len, protected, scores) -> list:
+        a, s = self.adapter, self.settings
+        if s.method == "uniform":
+            ratios = [s.keep_ratio] * a.n_layers
+        else:
+            ratios = pyramid_ratios(s.keep_ratio, a.n_layers)
+        decisions = []
+        for l, ratio in enumerate(ratios):
+            (k,) = candidate_sizes([ratio], chunk_len, int(protected.sum()))
+            index = None if k >= chunk_len else rank_tokens(
+                scores[l], protected, [k], s.pool_width, s.protect_bonus, backend=self.backend)[0]
+            decisions.append((index, ratio, None, 0))
+        return decisions

@@ -1,0 +1,155 @@
+"""EMLoC: the public compressor (see shared API.md for the contract)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .answering import generate_batch, query_logits
+from .chunk_compression import ChunkCompressor
+from .errors import EMLoCError
+from .memory import LayerMemory, TaskMemory
+from .model_adapter import DecoderAdapter
+from .rendering import ChatRenderer
+from .settings import Settings
+
+
+def _check_demos(demos) -> list:
+    if isinstance(demos, (str, bytes, dict)) or not hasattr(demos, "__iter__"):
+        raise EMLoCError("demos must be a list of {'input': ..., 'output': ...} dicts")
+    demos = list(demos)
+    if not demos:
+        raise EMLoCError("no demos: give at least one {'input': ..., 'output': ...} demonstration")
+    for i, demo in enumerate(demos):
+        if not isinstance(demo, dict):
+            raise EMLoCError(f"demo {i} is a {type(demo).__name__}, expected a dict with 'input' and 'output'")
+        for key in ("input", "output"):
+            if key not in demo or demo[key] is None or (isinstance(demo[key], str) and not demo[key].strip()):
+                raise EMLoCError(f"demo {i} has no {key!r}: every demo needs a non-empty input and output")
+        if not isinstance(demo["output"], str):
+            raise EMLoCError(f"demo {i}: 'output' must be a string, got {type(demo['output']).__name__}")
+    return demos
+
+
+class EMLoC:
+    """Compress demonstrations into a TaskMemory and answer queries from it.
+
+    model      a transformers decoder-only causal LM (Llama, Qwen2/3, Mistral families)
+    processor  its tokenizer (with a chat template)
+    The remaining arguments are the Settings fields (defaults reproduce ALGORITHM.md);
+    progress=True shows a progress bar over chunks on stderr.
+    """
+
+    def __init__(self, model, processor, tolerance=0.005, ratios=(0.1, 0.2, 0.5), demos_per_chunk=4,
+                 method="emloc", keep_ratio=None, backend="auto", progress=True):
+        self.settings = Settings(tolerance=tolerance, ratios=ratios, demos_per_chunk=demos_per_chunk,
+                                 method=method, keep_ratio=keep_ratio, backend=backend)
+        self.model = model
+        self.adapter = DecoderAdapter(model)
+        self.renderer = ChatRenderer(processor)
+        self.tokenizer = self.renderer.tokenizer
+        self.progress = progress
+        self._fingerprint = self.adapter.fingerprint()
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    # -- compression -------------------------------------------------------------------------
+    def _chunks(self, demos, system):
+        """Rendered chunks and, per chunk, each demo rendered alone (the probe rows)."""
+        size = self.settings.demos_per_chunk
+        groups = [demos[i:i + size] for i in range(0, len(demos), size)]
+        chunks = [self.renderer.demos(g, system=system if c == 0 else False) for c, g in enumerate(groups)]
+        probes = [[self.renderer.demos([d], system=False) for d in g] for g in groups]
+        return chunks, probes
+
+    def compress(self, demos, system=None) -> TaskMemory:
+        """Compress `demos` chunk by chunk into a TaskMemory; `system` opens the first chunk."""
+        demos = _check_demos(demos)
+        if system is not None and not isinstance(system, str):
+            raise EMLoCError(f"system must be a string or None, got {type(system).__name__}")
+        chunks, probes = self._chunks(demos, system)
+        total = sum(len(c.ids) for c in chunks)
+        longest_probe = max(len(r.ids) for rows in probes for r in rows)
+        if total + longest_probe > self.adapter.max_positions:
+            raise EMLoCError(
+                f"the demonstrations take {total} tokens (+{longest_probe} for the probe), more than "
+                f"the model's {self.adapter.max_positions} positions; use fewer or shorter demos")
+        a = self.adapter
+        memory = TaskMemory([LayerMemory(a.n_kv_heads, a.head_dim, a.dtype, a.device) for _ in range(a.n_layers)],
+                            offset=0, context_length=0, fingerprint=self._fingerprint,
+                            settings=self.settings.to_dict(), stats=[])
+        worker = ChunkCompressor(a, self.settings, self.pad_id)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(chunks), desc="compressing", unit="chunk", file=sys.stderr)
+        with a.emloc_attention():
+            for c, (chunk, rows) in enumerate(zip(chunks, probes)):
+                stats = worker.compress(memory, chunk, rows)
+                memory.stats.append({"chunk": c, **stats})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(kept=f"{sum(memory.layer_lengths) / a.n_layers:.0f}/{memory.context_length}")
+        if bar is not None:
+            bar.close()
+        return memory
+
+    # -- answering ---------------------------------------------------------------------------
+    def _check_memory(self, memory) -> None:
+        if not isinstance(memory, TaskMemory):
+            raise EMLoCError(f"expected an emloc.TaskMemory, got {type(memory).__name__}")
+        if memory.fingerprint != self._fingerprint:
+            raise EMLoCError("this memory was compressed with another model; compress again with this one")
+
+    def _stop_ids(self) -> set:
+        if not hasattr(self, "_stop"):
+            probe = self.renderer.demos([{"input": "a", "output": "b"}], system=False)
+            stop = {probe.ids[probe.spans[0][1] - 1]}
+            if self.tokenizer.eos_token_id is not None:
+                stop.add(self.tokenizer.eos_token_id)
+            self._stop = stop
+        return self._stop
+
+    def generate(self, memory, query, max_new_tokens=32, do_sample=False, temperature=1.0, seed=None):
+        """Answer one query (-> str) or a list of queries (-> list[str], one padded batch)."""
+        self._check_memory(memory)
+        single = not isinstance(query, (list, tuple)) or (query and isinstance(query[0], dict))
+        queries = [query] if single else list(query)
+        if not queries:
+            raise EMLoCError("no queries given")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise EMLoCError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if do_sample and not temperature > 0:
+            raise EMLoCError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        rows = [self.renderer.query(q) for q in queries]
+        generator = None
+        if do_sample:
+            generator = torch.Generator(device=self.adapter.device)
+            generator.manual_seed(0 if seed is None else seed)
+        stop = self._stop_ids()
+        with self.adapter.emloc_attention():
+            outputs = generate_batch(self.adapter, memory, rows, stop, self.pad_id, max_new_tokens,
+                                     do_sample, temperature, generator, self.settings.backend)
+        texts = [self.tokenizer.decode([t for t in out if t not in stop], skip_special_tokens=True).strip()
+                 for out in outputs]
+        return texts[0] if single else texts
+
+    def logits(self, memory, query, continuation=None) -> torch.Tensor:
+        """fp32 [1 + len(continuation tokens), V]: row 0 predicts the first answer token."""
+        self._check_memory(memory)
+        ids = self.renderer.query(query)
+        first = len(ids) - 1
+        if continuation is not None:
+            if not isinstance(continuation, str):
+                raise EMLoCError("continuation must be a string")
+            ids = ids + self.renderer.text_ids(continuation)
+        with self.adapter.emloc_attention():
+            return query_logits(self.adapter, memory, ids, first, self.settings.backend)
+
+    def full_inputs(self, demos, query, system=None) -> dict:
+        """Model inputs for the uncompressed sequence: all chunks, then the query, as rendered here."""
+        demos = _check_demos(demos)
+        chunks, _ = self._chunks(demos, system)
+        ids = [t for c in chunks for t in c.ids] + self.renderer.query(query)
+        ids_t = torch.tensor([ids], device=self.adapter.device)
+        return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}

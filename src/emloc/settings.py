@@ -1,0 +1,70 @@
+"""Compression settings: validated once, stored with every memory."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .errors import EMLoCError
+
+METHODS = ("emloc", "full", "uniform", "pyramid")
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `EMLoC.compress` does; defaults reproduce ALGORITHM.md.
+
+    tolerance        δ, the JS bound per chunk (natural log); 0 disables pruning.
+    ratios           candidate keep-ratios, tried in increasing order.
+    demos_per_chunk  demonstrations rendered and compressed together.
+    method           "emloc" (search), "full" (no pruning), "uniform" / "pyramid" (fixed schedules).
+    keep_ratio       mean kept fraction per layer for "uniform" and "pyramid".
+    pool_width       width of the mean pool that smooths importance scores.
+    protect_bonus    added to the scores of answer-span tokens so they are always kept.
+    backend          "auto" | "triton" | "torch" for the kernels.
+    """
+
+    tolerance: float = 0.005
+    ratios: tuple = (0.1, 0.2, 0.5)
+    demos_per_chunk: int = 4
+    method: str = "emloc"
+    keep_ratio: float | None = None
+    pool_width: int = 5
+    protect_bonus: float = 100.0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        tol = self.tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or math.isnan(tol) or tol < 0:
+            raise EMLoCError(f"tolerance must be a number >= 0 (the JS bound in nats), got {tol!r}")
+        try:
+            ratios = tuple(float(r) for r in self.ratios)
+        except (TypeError, ValueError):
+            raise EMLoCError(f"ratios must be a sequence of numbers in (0, 1], got {self.ratios!r}") from None
+        if not ratios:
+            raise EMLoCError("ratios is empty: give at least one candidate keep-ratio in (0, 1]")
+        if any(not (0 < r <= 1) for r in ratios):
+            raise EMLoCError(f"every ratio must lie in (0, 1], got {ratios}")
+        if list(ratios) != sorted(set(ratios)):
+            raise EMLoCError(f"ratios must be strictly increasing (they are tried in order), got {ratios}")
+        object.__setattr__(self, "ratios", ratios)
+        dpc = self.demos_per_chunk
+        if isinstance(dpc, bool) or not isinstance(dpc, int) or dpc < 1:
+            raise EMLoCError(f"demos_per_chunk must be an integer >= 1, got {dpc!r}")
+        if self.method not in METHODS:
+            raise EMLoCError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method in ("uniform", "pyramid"):
+            kr = self.keep_ratio
+            if kr is None or isinstance(kr, bool) or not isinstance(kr, (int, float)) or not (0 < kr <= 1):
+                raise EMLoCError(f"method={self.method!r} needs keep_ratio in (0, 1], got {kr!r}")
+        elif self.keep_ratio is not None:
+            raise EMLoCError(f"keep_ratio only applies to 'uniform' and 'pyramid', not {self.method!r}")
+        if self.backend not in BACKENDS:
+            raise EMLoCError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.pool_width, int) or self.pool_width < 1 or self.pool_width % 2 == 0:
+            raise EMLoCError(f"pool_width must be an odd integer >= 1, got {self.pool_width!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ratios"] = list(self.ratios)
+        return d

@@ -1,0 +1,7 @@
+"""Test setup: Triton runs on the CPU interpreter unless a GPU is present."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
