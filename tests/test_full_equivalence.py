@@ -59,3 +59,17 @@ def test_default_system_prompt_and_no_system_in_later_chunks():
     assert text.count("<|im_start|>system") == 1 and text.startswith("<|im_start|>system\nYou are a tiny")
     assert text.count("<|im_start|>user") == len(DEMOS) + 1
     assert text.endswith("<|im_start|>user\nthe plot was boring<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_works_with_the_users_attention_implementation_and_restores_it(attn_implementation):
+    model = tiny_model("qwen2", n_kv_heads=2, std=0.2, seed=5)
+    model.set_attn_implementation(attn_implementation)
+    comp = emloc.EMLoC(model, chat_tokenizer(), method="full", demos_per_chunk=2, progress=False)
+    memory = comp.compress(DEMOS)
+    ours = comp.logits(memory, QUERY)
+    comp.generate(memory, QUERY, max_new_tokens=2)
+    assert model.config._attn_implementation == attn_implementation
+    with torch.no_grad():
+        reference = model(**comp.full_inputs(DEMOS, QUERY)).logits[0, -1]
+    assert (ours[0] - reference).abs().max().item() <= 1e-4
