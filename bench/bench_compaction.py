@@ -12,15 +12,16 @@ tensor.copy_ of the same bytes and with a 256 MiB copy_ (the device's copy bandw
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-try:
-    from ._common import append_rows, time_ms
-except ImportError:
-    from _common import append_rows, time_ms
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_rows, copy_rate, time_ms  # noqa: E402
 
-from emloc_kernels.compaction import gather_append, gather_append_reference, gather_append_triton
+from emloc_kernels.compaction import (gather_append, gather_append_reference,  # noqa: E402
+                                      gather_append_triton)
 
 KV_HEADS, HEAD_DIM, DTYPE = 4, 128, torch.bfloat16
 KEEP_RATIOS = (0.1, 0.2, 0.5)
@@ -48,14 +49,8 @@ def main(argv=None):
 
     src_k, src_v = randn(KV_HEADS, chunk, HEAD_DIM), randn(KV_HEADS, chunk, HEAD_DIM)
     dst_k, dst_v = randn(KV_HEADS, capacity, HEAD_DIM), randn(KV_HEADS, capacity, HEAD_DIM)
-    big = torch.empty(128 * 2**20, dtype=torch.int16, device=device)
-    big_out = torch.empty_like(big)
-    peak_ms, _ = time_ms(lambda: big_out.copy_(big), device)
-    peak_gbs = 2 * big.numel() * big.element_size() / peak_ms / 1e6
-
-    rows = [{"bench": "compaction", "case": "256 MiB", "impl": "copy_", "median_ms": peak_ms,
-             "spread_ms": 0.0, "metric": "GB/s", "value": round(peak_gbs, 1),
-             "note": "device copy bandwidth (read + write)"}]
+    peak_gbs, peak_row = copy_rate("compaction", device)
+    rows = [peak_row]
     for ratio in KEEP_RATIOS:
         k = int(ratio * chunk)
         index = torch.stack([torch.randperm(chunk, device=device, generator=generator)[:k]
@@ -80,7 +75,7 @@ def main(argv=None):
         for name, (median, spread) in times.items():
             gbs = useful_bytes / median / 1e6
             rows.append({"bench": "compaction", "case": case, "impl": name, "median_ms": median,
-                         "spread_ms": spread, "metric": "GB/s", "value": round(gbs, 1),
+                         "spread_ms": spread, "metric": "GB/s", "value": float(f"{gbs:.4g}"),
                          "note": f"{gbs / peak_gbs:.0%} of peak copy_; "
                                  f"{times['copy_same_bytes'][0] / median:.0%} of copy_ same bytes"})
     append_rows(rows, device)

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 import torch
 
-try:
-    from ._common import append_rows, time_ms
-except ImportError:
-    from _common import append_rows, time_ms
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_rows, copy_rate, time_ms  # noqa: E402
 
-from emloc_kernels.lm_head_js import (lm_head_js, lm_head_js_reference, teacher_logsumexp,
+from emloc_kernels.lm_head_js import (lm_head_js, lm_head_js_reference, teacher_logsumexp,  # noqa: E402
                                       teacher_logsumexp_reference)
 
 DTYPE = torch.bfloat16
@@ -67,14 +67,8 @@ def main(argv=None):
               * (4.0 / math.sqrt(hidden))).to(DTYPE)
     weight_bytes = weight.numel() * weight.element_size()
 
-    big = torch.empty(128 * 2**20, dtype=torch.int16, device=device)
-    big_out = torch.empty_like(big)
-    copy_ms, _ = time_ms(lambda: big_out.copy_(big), device)
-    copy_gbs = 2 * big.numel() * big.element_size() / copy_ms / 1e6
-    del big, big_out
-    rows = [{"bench": "lm_head_js", "case": "256 MiB", "impl": "copy_", "median_ms": copy_ms,
-             "spread_ms": 0.0, "metric": "GB/s", "value": round(copy_gbs, 1),
-             "note": "device copy bandwidth (read + write)"}]
+    copy_gbs, copy_row = copy_rate("lm_head_js", device)
+    rows = [copy_row]
 
     for n in row_counts:
         teacher = torch.randn(n, hidden, device=device, generator=generator).to(DTYPE)
@@ -112,7 +106,7 @@ def main(argv=None):
                         f"extra peak {peak_text}; max |diff| vs fp32 ref {max_err:.2e}")
                 rows.append({"bench": "lm_head_js", "case": case, "impl": impl,
                              "median_ms": median, "spread_ms": spread, "metric": "floor GB/s",
-                             "value": round(gbs, 1), "note": note})
+                             "value": float(f"{gbs:.4g}"), "note": note})
     append_rows(rows, device)
     for row in rows[1:]:
         print(f"  {row['case']:>34} {row['impl']:>20}: {row['note']}")

@@ -10,6 +10,8 @@ Implementations:
                   the own keys (held by the cache, not timed), repeat_kv, a dense boolean mask
   sdpa_gqa        the same keys and mask, SDPA with enable_gqa=True instead of repeat_kv
   reference       prefix_attention_reference (dense fp32 scores)
+Prefill TFLOP/s is also given as a fraction of the device's matmul rate in the dtype, decode GB/s
+as a fraction of its copy bandwidth (the target on a GPU: decode at >= 80% of it).
 On CPU only the PyTorch paths run, on small shapes (--quick is implied).
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_rows, time_ms  # noqa: E402
+from _common import append_rows, copy_rate, matmul_rate, time_ms  # noqa: E402
 
 from emloc_kernels.prefix_attention import (prefix_attention,  # noqa: E402
                                             prefix_attention_reference)
@@ -81,8 +83,9 @@ def implementations(inputs, device):
     return impls
 
 
-def run_case(bench, case, inputs, device, metric, amount):
-    """Time every implementation on one case; metric value = amount / time."""
+def run_case(bench, case, inputs, device, metric, amount, peak):
+    """Time every implementation on one case; metric value = amount / time, also given in the
+    note as a fraction of `peak` (the device's rate in the same unit)."""
     expected = prefix_attention_reference(*inputs, D ** -0.5).float()
     rows, base_ms = [], None
     for name, fn in implementations(inputs, device).items():
@@ -94,9 +97,10 @@ def run_case(bench, case, inputs, device, metric, amount):
             rows.append(dict(bench=bench, case=case, impl=name, note="out of memory"))
             continue
         base_ms = median if name == "sdpa_repeat_kv" else base_ms
+        rate = amount / (median * 1e-3)
         rows.append(dict(bench=bench, case=case, impl=name, median_ms=median, spread_ms=spread,
-                         metric=metric, value=float(f"{amount / (median * 1e-3):.4g}"),
-                         note=f"max_abs_err={err:.2e}"))
+                         metric=metric, value=float(f"{rate:.4g}"),
+                         note=f"{rate / peak:.1%} of device; max_abs_err={err:.2e}"))
     for row in rows:
         if base_ms and "median_ms" in row:
             row["note"] += f" speedup_vs_sdpa_repeat_kv={base_ms / row['median_ms']:.2f}x"
@@ -120,18 +124,20 @@ def main(argv=None):
         chunk, memories, own_len, decode_memories = 2048, (0, 2048, 4096, 8192, 16384), 128, \
             (2048, 4096, 8192, 16384)
 
-    rows = []
+    copy_gbs, copy_row = copy_rate("prefix_attn", args.device)
+    matmul_tflops, matmul_row = matmul_rate("prefix_attn", args.device, dtype)
+    rows = [copy_row, matmul_row]
     for M in memories:
         inputs = make_case(1, chunk, chunk, M, dtype, args.device)
         flops = 4 * HQ * D * (chunk * M + chunk * (chunk + 1) // 2)
         rows += run_case("prefix_attn", f"prefill L={chunk} M={M}", inputs, args.device,
-                         "TFLOP/s", flops / 1e12)
+                         "TFLOP/s", flops / 1e12, matmul_tflops)
     for B in (1, 8):
         for M in decode_memories:
             inputs = make_case(B, 1, own_len, M, dtype, args.device)
             kv_bytes = 2 * HKV * D * (M + B * own_len) * itemsize
             rows += run_case("prefix_attn", f"decode B={B} Lk={own_len} M={M}", inputs,
-                             args.device, "GB/s(K/V)", kv_bytes / 1e9)
+                             args.device, "GB/s(K/V)", kv_bytes / 1e9, copy_gbs)
     append_rows(rows, args.device)
 
 

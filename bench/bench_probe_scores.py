@@ -8,7 +8,8 @@ Implementations, each producing the attention output over memory ⊕ chunk ⊕ o
                   over the observer rows only
     sdpa_plain    SDPA over the same number of keys, prebuilt and expanded, no mask: the speed
                   target (triton should be within 1.3x of it); computes no scores
-Metric: attention TFLOP/s, 4 * B * Hq * L * (M + Lc + L) * D / time (causal savings ignored).
+Metric: attention TFLOP/s, 4 * B * Hq * L * (M + Lc + L) * D / time (causal savings ignored),
+also given as a fraction of the device's matmul rate in the dtype.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_rows, time_ms  # noqa: E402
+from _common import append_rows, matmul_rate, time_ms  # noqa: E402
 
 from emloc_kernels.probe_scores import probe_scores, probe_scores_reference  # noqa: E402
 
@@ -90,7 +91,7 @@ def triton_error(x, scale):
     return f"max |out err| {out_err:.2e}, max score rel err {score_err:.2e}"
 
 
-def run_case(B, L, M, Lc, dtype, device):
+def run_case(B, L, M, Lc, dtype, device, peak_tflops):
     """Time every implementation on one shape; return result rows."""
     x = make_inputs(B, L, M, Lc, dtype, device)
     scale = HEAD_DIM ** -0.5
@@ -122,8 +123,9 @@ def run_case(B, L, M, Lc, dtype, device):
                      "value": float(f"{flops / median / 1e9:.4g}")})
     for row in rows:
         if row["impl"] in medians and "sdpa_plain" in medians:
-            ratio = f"{medians[row['impl']] / medians['sdpa_plain']:.2f}x sdpa_plain"
-            row["note"] = "; ".join(filter(None, [ratio, notes.get(row["impl"])]))
+            ratio = f"{medians[row['impl']] / medians['sdpa_plain']:.2f}x sdpa_plain time"
+            share = f"{row['value'] / peak_tflops:.1%} of device"
+            row["note"] = "; ".join(filter(None, [ratio, share, notes.get(row["impl"])]))
     return rows
 
 
@@ -142,9 +144,10 @@ def main(argv=None):
         shapes = [(4, 32, M, 256) for M in (0, 1024)]
     else:  # probe of 20 rows x 90 tokens after a 2k chunk, memory 0..16k
         shapes = [(20, 90, M, 2048) for M in (0, 4096, 16384)]
-    rows = []
+    peak_tflops, peak_row = matmul_rate("probe_scores", args.device, dtype)
+    rows = [peak_row]
     for B, L, M, Lc in shapes:
-        rows += run_case(B, L, M, Lc, dtype, args.device)
+        rows += run_case(B, L, M, Lc, dtype, args.device, peak_tflops)
     append_rows(rows, args.device)
 
 

@@ -9,16 +9,16 @@ On CPU only the PyTorch paths run.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-try:
-    from ._common import append_rows, time_ms
-except ImportError:
-    from _common import append_rows, time_ms
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_rows, time_ms  # noqa: E402
 
-from emloc_kernels.ranking import rank_tokens, rank_tokens_reference
+from emloc_kernels.ranking import rank_tokens, rank_tokens_reference  # noqa: E402
 
 KV_HEADS = 4
 KEEP_RATIOS = (0.1, 0.2, 0.5)

@@ -98,9 +98,42 @@ class ProbePlan:
     def attend(self, layer, q, k, v, scale):
         mem_k, mem_v = self.memory[layer]
         chunk_k, chunk_v = self.chunk[layer]
-        observer = self.observer if self.scores is not None else torch.zeros_like(self.observer)
+        observer = self.observer if self.scores is not None else None  # None: no score pass
         out, scores = probe_scores(q, mem_k, mem_v, chunk_k, chunk_v, k, v, self.own_valid, observer,
                                    scale, backend=self.backend)
         if self.scores is not None:
             self.scores[layer] = scores
         return out
+
+
+class CandidateProbePlan:
+    """The probe rows replicated once per candidate (candidate-major: rows [c*B, (c+1)*B)).
+
+    Layers in `candidates` give each replica its own chunk segment (candidates[layer][c]);
+    every other layer shares chunk[layer]. Used to test a layer's candidates in one batched
+    forward; no scores are recorded.
+
+    memory      sequence over layers of (keys, values) [Hkv, M_l, D]
+    chunk       mapping layer -> (keys, values) [Hkv, Lc_l, D] for the shared layers
+    candidates  mapping layer -> list of C (keys, values) [Hkv, k_c, D]
+    own_valid   [C*B, L] bool, False at padding
+    """
+
+    def __init__(self, memory, chunk, candidates, own_valid, backend="auto"):
+        self.memory, self.chunk, self.candidates = memory, chunk, candidates
+        self.own_valid, self.backend = own_valid, backend
+
+    def attend(self, layer, q, k, v, scale):
+        mem_k, mem_v = self.memory[layer]
+        if layer not in self.candidates:
+            chunk_k, chunk_v = self.chunk[layer]
+            return probe_scores(q, mem_k, mem_v, chunk_k, chunk_v, k, v, self.own_valid, None,
+                                scale, backend=self.backend)[0]
+        segments = self.candidates[layer]
+        rows = q.shape[0] // len(segments)
+        outs = []
+        for c, (chunk_k, chunk_v) in enumerate(segments):
+            part = slice(c * rows, (c + 1) * rows)
+            outs.append(probe_scores(q[part], mem_k, mem_v, chunk_k, chunk_v, k[part], v[part],
+                                     self.own_valid[part], None, scale, backend=self.backend)[0])
+        return torch.cat(outs)

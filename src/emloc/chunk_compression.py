@@ -11,7 +11,7 @@ import torch
 
 from emloc_kernels import lm_head_js, rank_tokens, teacher_logsumexp
 
-from .attention import PrefixPlan, ProbePlan
+from .attention import CandidateProbePlan, PrefixPlan, ProbePlan
 from .rendering import RenderedSequence
 
 
@@ -24,6 +24,13 @@ def gather_rows(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):
 def candidate_sizes(ratios, chunk_len: int, n_protected: int) -> list:
     """k = int(r * Lc), at least the protected count and 1, at most Lc (one per ratio)."""
     return [min(chunk_len, max(int(r * chunk_len), n_protected, 1)) for r in ratios]
+
+
+def layer_groups(n_layers: int, size: int) -> list:
+    """Top-down groups of consecutive layers, each listed bottom-up: 7 layers, size 3 ->
+    [[4, 5, 6], [1, 2, 3], [0]]."""
+    tops = range(n_layers - 1, -1, -size)
+    return [list(range(max(0, top - size + 1), top + 1)) for top in tops]
 
 
 def pyramid_ratios(keep_ratio: float, n_layers: int) -> list:
@@ -118,31 +125,47 @@ class ChunkCompressor:
 
     # -- step 4: top-down search -------------------------------------------------------------
     def _search(self, memory, chunk_kv, probe, protected, layer_inputs, scores, teacher) -> list:
+        """Per layer (index or None, ratio, JS, tests): the first candidate ratio whose test passes.
+
+        Layers are searched top-down in groups of settings.layer_group sharing one ratio (1 =
+        the faithful per-layer search); each test restarts the probe at the group's lowest layer
+        with the accepted sets of every layer above it.
+        """
         a, s = self.adapter, self.settings
         chunk_len = len(protected)
-        weight = a.lm_head.weight
-        teacher_lse = teacher_logsumexp(teacher, weight, backend=self.backend)
+        teacher_lse = teacher_logsumexp(teacher, a.lm_head.weight, backend=self.backend)
         ks = candidate_sizes(s.ratios, chunk_len, int(protected.sum()))
-        kept_segments = {}  # layer -> (keys, values) of the accepted kept rows, layers above l
+        # ks never decreases, so the candidates that prune anything are a prefix of the ratios;
+        # one that would keep every token is the configuration already accepted above: keep all.
+        trials = [(r, k) for r, k in zip(s.ratios, ks) if k < chunk_len]
+        batched = s.batch_candidates if s.batch_candidates is not None else a.device.type == "cuda"
+        kept_segments = {}  # layer -> (keys, values) of the accepted rows, for layers above
         decisions = [None] * a.n_layers
-        for l in reversed(range(a.n_layers)):
-            candidates = rank_tokens(scores[l], protected, ks, s.pool_width, s.protect_bonus,
-                                     backend=self.backend)
-            decision, js, tests = (None, 1.0), 0.0, 0
-            for ratio, k, index in zip(s.ratios, ks, candidates):
-                if k >= chunk_len:  # keeps every token: the configuration already accepted above
-                    break
-                segments = dict(kept_segments)
-                segments[l] = gather_rows(*chunk_kv[l], index)
-                js = self._js(memory, probe, layer_inputs[l], l, segments, teacher, teacher_lse)
-                tests += 1
-                if js <= s.tolerance:
-                    decision = (index, ratio)
-                    break
-            index, ratio = decision
-            decisions[l] = (index, ratio, js if index is not None else None, tests)
-            kept_segments[l] = chunk_kv[l] if index is None else gather_rows(*chunk_kv[l], index)
+        for group in layer_groups(a.n_layers, s.layer_group):
+            indices = {l: rank_tokens(scores[l], protected, [k for _, k in trials], s.pool_width,
+                                      s.protect_bonus, backend=self.backend) for l in group} if trials else {}
+            test = self._test_batched if batched else self._test_in_order
+            chosen, js, tests = test(memory, chunk_kv, probe, layer_inputs[group[0]], group, indices,
+                                     kept_segments, teacher, teacher_lse, len(trials)) if trials else (None, None, 0)
+            for l in group:
+                index = None if chosen is None else indices[l][chosen]
+                ratio = 1.0 if chosen is None else trials[chosen][0]
+                decisions[l] = (index, ratio, js if chosen is not None else None, tests if l == group[0] else 0)
+                kept_segments[l] = chunk_kv[l] if index is None else gather_rows(*chunk_kv[l], index)
         return decisions
+
+    def _test_in_order(self, memory, chunk_kv, probe, layer_input, group, indices, kept_segments,
+                       teacher, teacher_lse, n_trials):
+        """Test candidates one by one; stop at the first that passes. -> (chosen or None, JS, tests)."""
+        js = None
+        for c in range(n_trials):
+            segments = dict(kept_segments)
+            for l in group:
+                segments[l] = gather_rows(*chunk_kv[l], indices[l][c])
+            js = self._js(memory, probe, layer_input, group[0], segments, teacher, teacher_lse)
+            if js <= self.settings.tolerance:
+                return c, js, c + 1
+        return None, js, n_trials
 
     def _js(self, memory, probe, layer_input, start, segments, teacher, teacher_lse) -> float:
         """Mean JS over answer positions of the probe restarted at layer `start` with `segments`."""
@@ -152,6 +175,24 @@ class ChunkCompressor:
         student = a.final_norm(out)[probe.observer]
         js = lm_head_js(student, teacher, a.lm_head.weight, teacher_lse, backend=self.backend)
         return max(0.0, float(js.mean()))
+
+    def _test_batched(self, memory, chunk_kv, probe, layer_input, group, indices, kept_segments,
+                      teacher, teacher_lse, n_trials):
+        """All candidates in one forward of n_trials replicas of the probe; same decision as in
+        order (the first that passes), one host sync. -> (chosen or None, JS, tests)."""
+        a, C = self.adapter, n_trials
+        candidates = {l: [gather_rows(*chunk_kv[l], indices[l][c]) for c in range(C)] for l in group}
+        plan = CandidateProbePlan(memory.kv(), kept_segments, candidates, probe.valid.repeat(C, 1),
+                                  backend=self.backend)
+        positions = probe.positions.repeat(C, 1)
+        rotary = tuple(t.repeat(C, *([1] * (t.dim() - 1))) for t in self._rotary)
+        out = a.run_layers(layer_input.repeat(C, 1, 1), positions, rotary, group[0], a.n_layers, plan)
+        student = a.final_norm(out)[probe.observer.repeat(C, 1)]
+        js = lm_head_js(student, teacher.repeat(C, 1), a.lm_head.weight, teacher_lse.repeat(C),
+                        backend=self.backend).view(C, -1).mean(dim=1).clamp_min(0.0)
+        passed = (js <= self.settings.tolerance).tolist()
+        chosen = passed.index(True) if True in passed else None
+        return chosen, float(js[chosen if chosen is not None else C - 1]), C
 
     # -- baselines: fixed per-layer ratios by the same scores -----------------------------------
     def _fixed_schedule(self, chunk_len, protected, scores) -> list:

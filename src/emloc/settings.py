@@ -22,6 +22,9 @@ class Settings:
     pool_width       width of the mean pool that smooths importance scores.
     protect_bonus    added to the scores of answer-span tokens so they are always kept.
     backend          "auto" | "triton" | "torch" for the kernels.
+    layer_group      layers searched together top-down, sharing one keep-ratio (1 = faithful).
+    batch_candidates test a layer's candidates in one batched forward (same decisions as one
+                     by one); None = batch on CUDA, one by one elsewhere (faster on CPU).
     """
 
     tolerance: float = 0.005
@@ -32,6 +35,8 @@ class Settings:
     pool_width: int = 5
     protect_bonus: float = 100.0
     backend: str = "auto"
+    layer_group: int = 1
+    batch_candidates: bool | None = None
 
     def __post_init__(self):
         tol = self.tolerance
@@ -59,6 +64,11 @@ class Settings:
                 raise EMLoCError(f"method={self.method!r} needs keep_ratio in (0, 1], got {kr!r}")
         elif self.keep_ratio is not None:
             raise EMLoCError(f"keep_ratio only applies to 'uniform' and 'pyramid', not {self.method!r}")
+        lg = self.layer_group
+        if isinstance(lg, bool) or not isinstance(lg, int) or lg < 1:
+            raise EMLoCError(f"layer_group must be an integer >= 1 (1 = the faithful search), got {lg!r}")
+        if self.batch_candidates not in (None, True, False):
+            raise EMLoCError(f"batch_candidates must be True, False or None (auto), got {self.batch_candidates!r}")
         if self.backend not in BACKENDS:
             raise EMLoCError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.pool_width, int) or self.pool_width < 1 or self.pool_width % 2 == 0:

@@ -5,18 +5,22 @@ Shapes (Hq = G * Hkv; query head h uses KV head h // G):
     mem_k/v     [Hkv, M, D]      memory, shared, unmasked (M may be 0)
     chunk_k/v   [Hkv, Lc, D]     the chunk, shared, unmasked
     own_k/v     [B, Hkv, L, D]   the probe rows' own keys; query i sees own keys j <= i
-    own_valid   [B, L] bool      False marks padding keys
-    observer    [B, L] bool      rows whose scores count (answer-span positions, never padding)
+    own_valid   [B, L] bool      False marks padding keys (None: all valid)
+    observer    [B, L] bool      rows whose scores count (answer-span positions, never padding),
+                                 or None: no scores at all (attention only)
 Returns
     out    [B, Hq, L, D] (q's dtype): attention over memory ⊕ chunk ⊕ own
     scores [Hkv, Lc] fp32: Σ over observer rows and over the query heads of each KV group of
-           softmax over chunk ⊕ own (memory excluded from the normaliser), chunk columns only.
+           softmax over chunk ⊕ own (memory excluded from the normaliser), chunk columns only;
+           None when observer is None.
 
-Triton path, two kernels, nothing of size L x Lc in global memory:
+Triton path, two kernels, nothing of size L x Lc in global memory; every input is read
+through its strides (a memory that is a view of a larger buffer is not copied):
     pass 1  one program per (row block, b, KV head); rows pack the G query heads of the KV
-            group (row r = g * L + i, a contiguous slab of q). fp32 online softmax over chunk,
-            then own keys, then memory: the running state after chunk ⊕ own gives the row's
-            log-sum-exp for the scores, the final state gives the output.
+            group (row r = g * L + i). fp32 online softmax over chunk, then own keys, then
+            memory: the running state after chunk ⊕ own gives the row's log-sum-exp for the
+            scores, the final state gives the output.
+            With observer None only this pass runs, and it stores no log-sum-exp.
     pass 2  one program per (chunk column block, KV head, row split) recomputes
             exp(s - lse) for the observer rows only (compacted on device, no host sync) and
             sums columns in a fixed order; the splits' partial sums are added by torch.
@@ -34,7 +38,8 @@ _LOG2E = 1.4426950408889634
 
 
 def probe_scores_reference(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_valid, observer, scale):
-    """Plain PyTorch probe attention + scores (dense probabilities, fp32)."""
+    """Plain PyTorch probe attention + scores (dense probabilities, fp32); scores None when
+    observer is None."""
     B, Hq, L, D = q.shape
     Hkv = own_k.shape[1]
     G = Hq // Hkv
@@ -51,10 +56,13 @@ def probe_scores_reference(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_
     out = torch.einsum("bhgqm,hmd->bhgqd", p[..., :M], mem_v.float())
     out = out + torch.einsum("bhgqm,hmd->bhgqd", p[..., M:M + Lc], chunk_v.float())
     out = out + torch.einsum("bhgqk,bhkd->bhgqd", p[..., M + Lc:], own_v.float())
+    out = out.reshape(B, Hq, L, D).to(q.dtype)
+    if observer is None:
+        return out, None
     p_score = torch.softmax(torch.cat([s_chunk, s_own], dim=-1), dim=-1)[..., :Lc]
     weight = observer.float()[:, None, None, :, None]  # [B, 1, 1, L, 1]
     scores = (p_score * weight).sum(dim=(0, 2, 3))
-    return out.reshape(B, Hq, L, D).to(q.dtype), scores
+    return out, scores
 
 
 def probe_scores(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_valid, observer,
@@ -62,6 +70,7 @@ def probe_scores(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_valid, obs
     """Probe attention output and per-KV-head chunk importance. See module doc."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if resolve_backend(backend, q, mem_k, chunk_k, own_k) == "torch":
+        _check_inputs(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_valid, observer)
         return probe_scores_reference(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v,
                                       own_valid, observer, scale)
     return _probe_scores_triton(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_valid,
@@ -87,15 +96,30 @@ def _softmax_step(q, kT, v, allowed, acc, m_i, l_i, qk_scale,
 
 
 @triton.jit
+def _load_keys(base, cols, col_ok, stride_n, offs_d, d_ok, stride_d, TRANSPOSE: tl.constexpr):
+    """A tile of rows `cols` of one head's [N, D] keys or values: [BLOCK_D, BLOCK_N] when
+    TRANSPOSE, else [BLOCK_N, BLOCK_D]; zeros outside col_ok x d_ok."""
+    if TRANSPOSE:
+        return tl.load(base + cols[None, :] * stride_n + offs_d[:, None] * stride_d,
+                       mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    return tl.load(base + cols[:, None] * stride_n + offs_d[None, :] * stride_d,
+                   mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _probe_attention_kernel(
     q_ptr, mem_k_ptr, mem_v_ptr, chunk_k_ptr, chunk_v_ptr, own_k_ptr, own_v_ptr, own_valid_ptr,
     out_ptr, lse_ptr,
     HQ, HKV, G, L, M, LC, qk_scale,
+    sq_b, sq_h, sq_l, sq_d, smk_h, smk_n, smk_d, smv_h, smv_n, smv_d,
+    sck_h, sck_n, sck_d, scv_h, scv_n, scv_d,
+    sok_b, sok_h, sok_n, sok_d, sov_b, sov_h, sov_n, sov_d,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
-    """Pass 1: out [B, HQ, L, D] and lse [B, HQ, L] (base 2, over chunk ⊕ own) for one block
-    of the G * L rows of (b, KV head); rows r = g * L + i are contiguous in q, out and lse."""
+    """Pass 1: out [B, HQ, L, D] (contiguous) and, when STORE_LSE, lse [B, HQ, L] (base 2,
+    over chunk ⊕ own) for one block of the G * L rows r = g * L + i of (b, KV head). Inputs
+    are read through their strides (views of larger buffers are never copied)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -107,8 +131,8 @@ def _probe_attention_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
 
-    row_base = (b * HQ + kvh * G).to(tl.int64) * L + rows  # index into [B * HQ * L]
-    q = tl.load(q_ptr + row_base[:, None] * D + offs_d[None, :],
+    q_off = b.to(tl.int64) * sq_b + (kvh * G + rows // L).to(tl.int64) * sq_h + i * sq_l
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * sq_d,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -118,44 +142,41 @@ def _probe_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # chunk: shared, unmasked
-    chunk_k_base = chunk_k_ptr + kvh.to(tl.int64) * LC * D
-    chunk_v_base = chunk_v_ptr + kvh.to(tl.int64) * LC * D
+    chunk_k_base = chunk_k_ptr + kvh.to(tl.int64) * sck_h
+    chunk_v_base = chunk_v_ptr + kvh.to(tl.int64) * scv_h
     for n0 in range(0, LC, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < LC
-        kT = tl.load(chunk_k_base + cols[None, :] * D + offs_d[:, None],
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(chunk_v_base + cols[:, None] * D + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        kT = _load_keys(chunk_k_base, cols, col_ok, sck_n, offs_d, d_ok, sck_d, True)
+        v = _load_keys(chunk_v_base, cols, col_ok, scv_n, offs_d, d_ok, scv_d, False)
         acc, m_i, l_i = _softmax_step(q, kT, v, col_ok[None, :], acc, m_i, l_i, qk_scale,
                                       UPCAST, DOT_PRECISION)
 
     # own keys: causal (j <= i) and padding mask
-    own_base = (b * HKV + kvh).to(tl.int64) * L * D
+    own_k_base = own_k_ptr + b.to(tl.int64) * sok_b + kvh.to(tl.int64) * sok_h
+    own_v_base = own_v_ptr + b.to(tl.int64) * sov_b + kvh.to(tl.int64) * sov_h
     for n0 in range(0, L, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < L
         key_ok = tl.load(own_valid_ptr + b * L + cols, mask=col_ok, other=0) != 0
-        kT = tl.load(own_k_ptr + own_base + cols[None, :] * D + offs_d[:, None],
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(own_v_ptr + own_base + cols[:, None] * D + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        kT = _load_keys(own_k_base, cols, col_ok, sok_n, offs_d, d_ok, sok_d, True)
+        v = _load_keys(own_v_base, cols, col_ok, sov_n, offs_d, d_ok, sov_d, False)
         allowed = key_ok[None, :] & (cols[None, :] <= i[:, None])
         acc, m_i, l_i = _softmax_step(q, kT, v, allowed, acc, m_i, l_i, qk_scale,
                                       UPCAST, DOT_PRECISION)
 
-    tl.store(lse_ptr + row_base, m_i + tl.log2(l_i), mask=row_ok)
+    row_base = (b * HQ + kvh * G).to(tl.int64) * L + rows  # index into [B * HQ * L]
+    if STORE_LSE:
+        tl.store(lse_ptr + row_base, m_i + tl.log2(l_i), mask=row_ok)
 
     # memory: shared, unmasked, outside the scores' normaliser
-    mem_k_base = mem_k_ptr + kvh.to(tl.int64) * M * D
-    mem_v_base = mem_v_ptr + kvh.to(tl.int64) * M * D
+    mem_k_base = mem_k_ptr + kvh.to(tl.int64) * smk_h
+    mem_v_base = mem_v_ptr + kvh.to(tl.int64) * smv_h
     for n0 in range(0, M, BLOCK_N):
         cols = n0 + offs_n
         col_ok = cols < M
-        kT = tl.load(mem_k_base + cols[None, :] * D + offs_d[:, None],
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        v = tl.load(mem_v_base + cols[:, None] * D + offs_d[None, :],
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        kT = _load_keys(mem_k_base, cols, col_ok, smk_n, offs_d, d_ok, smk_d, True)
+        v = _load_keys(mem_v_base, cols, col_ok, smv_n, offs_d, d_ok, smv_d, False)
         acc, m_i, l_i = _softmax_step(q, kT, v, col_ok[None, :], acc, m_i, l_i, qk_scale,
                                       UPCAST, DOT_PRECISION)
 
@@ -168,6 +189,7 @@ def _probe_attention_kernel(
 def _chunk_scores_kernel(
     q_ptr, chunk_k_ptr, lse_ptr, order_ptr, n_obs_ptr, partial_ptr,
     HQ, HKV, G, L, LC, qk_scale, n_splits,
+    sq_b, sq_h, sq_l, sq_d, sck_h, sck_n, sck_d,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -181,8 +203,8 @@ def _chunk_scores_kernel(
     d_ok = offs_d < D
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < LC
-    kT = tl.load(chunk_k_ptr + kvh.to(tl.int64) * LC * D + cols[None, :] * D + offs_d[:, None],
-                 mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    kT = _load_keys(chunk_k_ptr + kvh.to(tl.int64) * sck_h, cols, col_ok, sck_n, offs_d, d_ok,
+                    sck_d, True)
     if UPCAST:
         kT = kT.to(tl.float32)
 
@@ -197,12 +219,14 @@ def _chunk_scores_kernel(
         pair = tl.load(order_ptr + rows // G, mask=row_ok, other=0)
         b = pair // L
         i = pair % L
-        row_index = (b * HQ + kvh * G + rows % G).to(tl.int64) * L + i
-        q = tl.load(q_ptr + row_index[:, None] * D + offs_d[None, :],
+        h = kvh * G + rows % G
+        q_off = b.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h + i * sq_l
+        q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :] * sq_d,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
-        lse = tl.load(lse_ptr + row_index, mask=row_ok, other=float("inf"))
+        lse = tl.load(lse_ptr + (b * HQ + h).to(tl.int64) * L + i, mask=row_ok,
+                      other=float("inf"))
         s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
         col_sum += tl.sum(tl.exp2(s - lse[:, None]), 0)
     tl.store(partial_ptr + (split * HKV + kvh) * LC + cols, col_sum, mask=col_ok)
@@ -249,10 +273,10 @@ def _check_inputs(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_valid, ob
         raise ValueError(f"chunk_v shape {tuple(chunk_v.shape)} != chunk_k shape "
                          f"{tuple(chunk_k.shape)}")
     for name, mask in (("own_valid", own_valid), ("observer", observer)):
-        if mask is None and name == "own_valid":
+        if mask is None:
             continue
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise ValueError(f"{name} must be a bool tensor [B, L]")
+            raise ValueError(f"{name} must be a bool tensor [B, L] or None")
         if mask.shape != (B, L):
             raise ValueError(f"{name} must be [B={B}, L={L}], got {tuple(mask.shape)}")
         if mask.device != q.device:
@@ -276,8 +300,9 @@ def _configs(dtype, block_d, interpreted):
 
 def _probe_scores_triton(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_valid, observer,
                          scale, score_splits=None):
-    """Host launcher of the two passes. score_splits: row splits of pass 2 (None: enough to
-    fill the GPU; the choice depends only on shapes and device, never on the data)."""
+    """Host launcher: pass 1, then pass 2 unless observer is None. Inputs may be strided views.
+    score_splits: row splits of pass 2 (None: enough to fill the GPU; the choice depends only
+    on shapes and device, never on the data)."""
     _check_inputs(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_valid, observer)
     B, Hq, L, D = q.shape
     Hkv, Lc, M = own_k.shape[1], chunk_k.shape[1], mem_k.shape[1]
@@ -285,9 +310,9 @@ def _probe_scores_triton(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_va
     device = q.device
     out = _empty((B, Hq, L, D), q.dtype, device)
     if B * L == 0:
-        return out, torch.zeros(Hkv, Lc, dtype=torch.float32, device=device)
-    q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v = (
-        t.contiguous() for t in (q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v))
+        scores = None if observer is None else torch.zeros(Hkv, Lc, dtype=torch.float32,
+                                                            device=device)
+        return out, scores
     if own_valid is None:
         own_valid = torch.ones(B, L, dtype=torch.bool, device=device)
     own_valid = own_valid.contiguous().view(torch.uint8)
@@ -300,11 +325,17 @@ def _probe_scores_triton(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_va
     qk_scale = float(scale) * _LOG2E
     common = {"BLOCK_D": block_d, "UPCAST": upcast, "DOT_PRECISION": precision}
 
-    lse = _empty((B, Hq, L), torch.float32, device)
+    # without observers pass 1 stores no log-sum-exp: any pointer will do
+    lse = out if observer is None else _empty((B, Hq, L), torch.float32, device)
     grid = (triton.cdiv(G * L, fwd_cfg["BLOCK_M"]), B * Hkv)
     _probe_attention_kernel[grid](
         q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_valid, out, lse,
-        Hq, Hkv, G, L, M, Lc, qk_scale, D=D, **fwd_cfg, **common)
+        Hq, Hkv, G, L, M, Lc, qk_scale,
+        *q.stride(), *mem_k.stride(), *mem_v.stride(), *chunk_k.stride(), *chunk_v.stride(),
+        *own_k.stride(), *own_v.stride(),
+        D=D, STORE_LSE=observer is not None, **fwd_cfg, **common)
+    if observer is None:
+        return out, None
 
     # observer (b, i) pairs first, in position order; their count stays on the device
     flat_observer = observer.reshape(-1)
@@ -320,5 +351,6 @@ def _probe_scores_triton(q, mem_k, mem_v, chunk_k, chunk_v, own_k, own_v, own_va
     partial = _empty((score_splits, Hkv, Lc), torch.float32, device)
     _chunk_scores_kernel[(col_blocks, Hkv, score_splits)](
         q, chunk_k, lse, order, n_obs, partial,
-        Hq, Hkv, G, L, Lc, qk_scale, score_splits, D=D, **score_cfg, **common)
+        Hq, Hkv, G, L, Lc, qk_scale, score_splits, *q.stride(), *chunk_k.stride(),
+        D=D, **score_cfg, **common)
     return out, partial[0] if score_splits == 1 else partial.sum(dim=0)

@@ -138,6 +138,62 @@ def test_no_rows():
     out, scores = ps.probe_scores(**x, backend="triton")
     assert out.shape == (2, 4, 0, 16)
     assert torch.equal(scores, torch.zeros(2, 5))
+    out, scores = ps.probe_scores(**dict(x, observer=None), backend="triton")
+    assert out.shape == (2, 4, 0, 16) and scores is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_observer_none_runs_attention_only(monkeypatch, dtype):
+    """observer=None: the same output as with observers, no scores, pass 1 alone, and no
+    buffer but the output allocated."""
+    x = _inputs(2, 2, 3, 21, 13, 37, 24, dtype, lengths=[21, 12], seed=5)
+    out, scores = ps.probe_scores(**x, backend="triton")
+    ref_out, ref_scores = ps.probe_scores(**x, backend="torch")
+    assert scores is not None and ref_scores is not None
+
+    allocated = []
+
+    def recording_empty(shape, dtype, device):
+        allocated.append(tuple(shape))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("pass 2 launched although observer is None")
+
+    monkeypatch.setattr(ps, "_empty", recording_empty)
+    monkeypatch.setattr(ps, "_chunk_scores_kernel", NoLaunch())
+    out_none, scores_none = ps.probe_scores(**dict(x, observer=None), backend="triton")
+    assert scores_none is None
+    assert torch.equal(out_none, out)
+    assert allocated == [tuple(x["q"].shape)]
+    ref_none, ref_scores_none = ps.probe_scores(**dict(x, observer=None), backend="torch")
+    assert ref_scores_none is None
+    assert torch.equal(ref_none, ref_out)
+
+
+def test_strided_views(poisoned):
+    """Memory and chunk as slices of larger buffers, q and own K/V as transposed views, a
+    value tensor with a non-unit last stride: bitwise the results of contiguous copies."""
+    B, Hkv, G, L, M, Lc, D = 2, 2, 2, 11, 19, 23, 16
+    x = _inputs(B, Hkv, G, L, M, Lc, D, torch.float32, lengths=[11, 7], seed=6)
+    mem_buf = torch.full((2, Hkv, M + 9, D), 1e4)  # rows past M would dominate if read
+    mem_buf[0, :, :M], mem_buf[1, :, :M] = x["mem_k"], x["mem_v"]
+    chunk_v = torch.full((Hkv, Lc, 2 * D), 1e4)
+    chunk_v[..., ::2] = x["chunk_v"]
+    strided = dict(
+        x, q=x["q"].transpose(1, 2).contiguous().transpose(1, 2),
+        mem_k=mem_buf[0, :, :M], mem_v=mem_buf[1, :, :M],
+        chunk_k=x["chunk_k"].transpose(0, 1).contiguous().transpose(0, 1),
+        chunk_v=chunk_v[..., ::2],
+        own_k=x["own_k"].transpose(1, 2).contiguous().transpose(1, 2),
+        own_v=x["own_v"].permute(3, 0, 1, 2).contiguous().permute(1, 2, 3, 0))
+    assert not any(strided[n].is_contiguous() for n in
+                   ("q", "mem_k", "mem_v", "chunk_k", "chunk_v", "own_k", "own_v"))
+    out, scores = ps.probe_scores(**x, backend="triton")
+    out_s, scores_s = ps.probe_scores(**strided, backend="triton")
+    assert torch.equal(out_s, out) and torch.equal(scores_s, scores)
+    assert torch.isfinite(out).all() and scores.abs().max() > 0
 
 
 def _bad(x, **changes):
@@ -156,7 +212,8 @@ def _bad(x, **changes):
     (lambda x: _bad(x, mem_k=x["mem_k"].half()), "dtype"),
     (lambda x: _bad(x, q=x["q"].double()), "float16, bfloat16 or float32"),
 ])
-def test_bad_input_raises(change, message):
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_input_raises(change, message, backend):
     x = _inputs(2, 2, 2, 4, 3, 5, 16, torch.float32)
     with pytest.raises(ValueError, match=message):
-        ps.probe_scores(**change(x), backend="triton")
+        ps.probe_scores(**change(x), backend=backend)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from emloc_kernels import ranking
 from emloc_kernels.ranking import rank_tokens, rank_tokens_reference, smooth_scores_reference
 
 
@@ -52,6 +53,17 @@ def test_matches_reference(poisoned_empty, heads, length, ks, kind):
     got = check_against_reference(scores, protected, ks)
     for idx in got:  # position order, no repeats
         assert bool((idx[:, 1:] > idx[:, :-1]).all())
+
+
+@pytest.mark.parametrize("kind", ["random", "ties"])
+def test_selection_over_several_blocks(poisoned_empty, monkeypatch, kind):
+    """Chunks longer than one selection block (SELECT_BLOCK_MAX positions, 1024 in use) are
+    scanned block by block; shrink the block so that a small chunk takes five."""
+    monkeypatch.setattr(ranking, "SELECT_BLOCK_MAX", 16)
+    generator = torch.Generator().manual_seed(5)
+    scores = make_scores(2, 75, kind, generator)
+    protected = torch.rand(75, generator=generator) < 0.1
+    check_against_reference(scores, protected, [1, 16, 17, 40, 75])
 
 
 def test_protected_always_kept_first():
