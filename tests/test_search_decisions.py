@@ -82,8 +82,11 @@ def simple_rank(scores_h, protected, k):
     return sorted(order[:k])
 
 
-def simple_emloc(model, comp, demos, tolerance, ratios):
-    """Returns (per chunk, per layer (ratio, kept)) and per layer the kept keys [Hkv, M, D]."""
+def simple_emloc(model, comp, demos, tolerance, ratios, layer_group=1):
+    """Returns (per chunk, per layer (ratio, kept)) and per layer the kept keys [Hkv, M, D].
+
+    Layers are decided top-down in groups of `layer_group` that share one ratio.
+    """
     dec = model.model
     L = model.config.num_hidden_layers
     Hkv, D = model.config.num_key_value_heads, model.config.head_dim
@@ -122,22 +125,26 @@ def simple_emloc(model, comp, demos, tolerance, ratios):
             n_prot = sum(protected)
             keep = list(full_keep)
             chunk_decisions = [None] * L
-            for l in reversed(range(L)):
-                chunk_decisions[l] = (1.0, Lc)
+            for top in range(L - 1, -1, -layer_group):
+                group = list(range(max(0, top - layer_group + 1), top + 1))
+                for l in group:
+                    chunk_decisions[l] = (1.0, Lc)
                 for r in ratios:
                     k = min(Lc, max(int(r * Lc), n_prot, 1))
                     if k >= Lc:
                         break
-                    cand = torch.zeros(Hkv, Lc, dtype=torch.bool)
-                    for h in range(Hkv):
-                        cand[h, simple_rank(probe.scores[l][h].tolist(), protected, k)] = True
-                    trial = keep[:l] + [cand] + keep[l + 1:]
+                    trial = list(keep)
+                    for l in group:
+                        trial[l] = torch.zeros(Hkv, Lc, dtype=torch.bool)
+                        for h in range(Hkv):
+                            trial[l][h, simple_rank(probe.scores[l][h].tolist(), protected, k)] = True
                     student = forward(ids, pos, DenseContext(ctx_kv, ctx_keep, chunk_kv, trial, valid))[observer]
                     m = torch.logaddexp(teacher, student) - torch.log(torch.tensor(2.0, dtype=torch.float64))
                     js = (0.5 * (teacher.exp() * (teacher - m)).sum(-1) + 0.5 * (student.exp() * (student - m)).sum(-1)).mean()
                     if max(0.0, js.item()) <= tolerance:
-                        keep[l] = cand
-                        chunk_decisions[l] = (r, k)
+                        for l in group:
+                            keep[l] = trial[l]
+                            chunk_decisions[l] = (r, k)
                         break
             decisions.append(chunk_decisions)
             for l in range(L):
@@ -167,6 +174,26 @@ def test_decisions_and_memory_equal_simple_implementation(family, n_heads, n_kv,
         assert memory.layers[l].keys.shape == keys.shape
         torch.testing.assert_close(memory.layers[l].keys, keys, rtol=1e-4, atol=1e-4)
     OUTCOMES.update(r for chunk in decisions for r, _ in chunk)
+
+
+@pytest.mark.parametrize("layer_group,batch", [(1, True), (2, False), (3, True)])
+def test_grouped_and_batched_search_equal_simple_implementation(layer_group, batch):
+    family, n_heads, n_kv, hidden, dpc, std, seed = CASES[0]
+    model = tiny_model(family, n_heads=n_heads, n_kv_heads=n_kv, hidden=hidden, n_layers=4, std=std, seed=seed)
+    comp = emloc.EMLoC(model, chat_tokenizer(), demos_per_chunk=dpc, progress=False, backend="torch",
+                       layer_group=layer_group, batch_candidates=batch)
+    memory = comp.compress(DEMOS)
+    decisions, kept_keys = simple_emloc(model, comp, DEMOS, 0.005, (0.1, 0.2, 0.5), layer_group)
+    assert [[(d["ratio"], d["kept"]) for d in chunk["layers"]] for chunk in memory.stats] == decisions
+    for l, keys in enumerate(kept_keys):
+        torch.testing.assert_close(memory.layers[l].keys, keys, rtol=1e-4, atol=1e-4)
+    tests = sum(d["tests"] for chunk in memory.stats for d in chunk["layers"])
+    groups_per_chunk = -(-4 // layer_group)
+    assert tests >= groups_per_chunk * len(memory.stats) or not batch
+    if layer_group > 1:  # layers of a group share their ratio
+        for chunk in memory.stats:
+            ratios = [d["ratio"] for d in chunk["layers"]]
+            assert len(set(ratios[4 - layer_group:])) == 1
 
 
 def test_all_four_outcomes_occurred_in_the_cases_above():

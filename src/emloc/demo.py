@@ -39,10 +39,10 @@ def run_demo(model_path=None, n_demos=N_DEMOS, n_queries=N_QUERIES, backend="aut
 
     lengths = memory.layer_lengths
     out("")
-    out(f"{'context tokens':<34}{memory.context_length}")
-    out(f"{'kept tokens per layer min/mean/max':<34}{min(lengths)} / {sum(lengths) / len(lengths):.1f} / {max(lengths)}")
-    out(f"{'compression ratio':<34}{memory.compression_ratio:.2f}x")
-    out(f"{'time to compress':<34}{seconds:.1f} s")
+    out(f"{'context tokens':<36}{memory.context_length}")
+    out(f"{'kept tokens per layer min/mean/max':<36}{min(lengths)} / {sum(lengths) / len(lengths):.1f} / {max(lengths)}")
+    out(f"{'compression ratio':<36}{memory.compression_ratio:.2f}x")
+    out(f"{'time to compress':<36}{seconds:.1f} s")
     out("")
     out(f"{'question':<44}{'expected':<16}{'full context':<18}{'emloc memory':<18}agree")
     agree = 0

@@ -1,6 +1,8 @@
 """The task memory: per-layer kept keys/values, the position offset, and how they were made."""
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import tempfile
@@ -14,6 +16,78 @@ from .errors import EMLoCError
 
 FORMAT_NAME = "emloc-task-memory"
 FORMAT_VERSION = 1
+TOKENIZER_KEY = "tokenizer"  # the fingerprint's entry that identifies the tokenizer
+_TOKENIZER_PROBE = "The capital of France is Paris. 0123456789 naïve café 東京 \t\n <tag> x=y+1;"
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What identifies a tokenizer for a memory: vocabulary size, special token ids, a hash of
+    the chat template, and a hash of the ids a fixed probe text is split into."""
+    template = tokenizer.chat_template
+    if not isinstance(template, str):
+        template = json.dumps(template, sort_keys=True)
+    probe = tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    return {"vocab_size": len(tokenizer),
+            "special_ids": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+                            "pad": tokenizer.pad_token_id},
+            "chat_template_sha256": _sha(template or ""),
+            "probe_ids_sha256": _sha(json.dumps(list(probe)))}
+
+
+def fingerprint_diff(stored: dict, expected: dict) -> dict:
+    """{key: (stored value, expected value)} for every key where the two fingerprints differ."""
+    return {k: (stored.get(k), expected.get(k)) for k in sorted(set(stored) | set(expected))
+            if stored.get(k) != expected.get(k)}
+
+
+def model_part(fingerprint: dict) -> dict:
+    """The model's entries of a memory fingerprint (everything but the tokenizer's)."""
+    return {k: v for k, v in fingerprint.items() if k != TOKENIZER_KEY}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_header(path) -> dict:
+    """The header of a memory file (offset, context_length, fingerprint, settings, stats) without
+    its tensors; raises EMLoCError for a missing, damaged or foreign file or another version."""
+    return _read(path, with_tensors=False)[0]
+
+
+def _read(path, with_tensors: bool):
+    """(header dict, {name: tensor} or None) of a memory file, validated as in read_header."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise EMLoCError(f"no memory file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT_NAME:
+                raise EMLoCError(f"{path} is not an emloc task memory")
+            if metadata.get("version") != str(FORMAT_VERSION):
+                raise EMLoCError(f"{path} has format version {metadata.get('version')!r}; this "
+                                 f"emloc reads version {FORMAT_VERSION}. Compress the task again")
+            header = json.loads(metadata["header"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()} if with_tensors else None
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, EMLoCError):
+            raise
+        raise EMLoCError(f"{path} is damaged or truncated, or not an emloc memory ({exc})") from None
+    required = ("offset", "context_length", "fingerprint", "settings", "stats")
+    if not isinstance(header, dict) or any(key not in header for key in required):
+        raise EMLoCError(f"{path} is damaged: its header lacks some of {', '.join(required)}")
+    if not isinstance(header["fingerprint"], dict) or not isinstance(header["stats"], list):
+        raise EMLoCError(f"{path} is damaged: its fingerprint or statistics are malformed")
+    return header, tensors
 
 
 class LayerMemory:
@@ -24,6 +98,7 @@ class LayerMemory:
     """
 
     def __init__(self, n_kv_heads, head_dim, dtype, device):
+        """An empty layer memory on `device` (the device of the decoder layer it serves)."""
         self._k = torch.empty(n_kv_heads, 0, head_dim, dtype=dtype, device=device)
         self._v = torch.empty_like(self._k)
         self.length = 0
@@ -56,13 +131,20 @@ class LayerMemory:
         self._k, self._v, self.length = keys.contiguous(), values.contiguous(), keys.shape[1]
 
 
+def empty_layers(adapter) -> list:
+    """One empty LayerMemory per decoder layer, each on the device its layer runs on."""
+    return [LayerMemory(adapter.n_kv_heads, adapter.head_dim, adapter.dtype, device)
+            for device in adapter.layer_devices]
+
+
 class TaskMemory:
     """Per-layer KV memory compressed from demonstrations; never changed by answering.
 
     layers          list[LayerMemory], one per decoder layer (lengths differ between layers)
     offset          position at which queries start (tokens of the uncompressed context)
     context_length  tokens of the uncompressed demonstration context
-    fingerprint     identifies the model (see DecoderAdapter.fingerprint)
+    fingerprint     identifies the model (DecoderAdapter.fingerprint) and, under "tokenizer",
+                    the tokenizer (tokenizer_fingerprint); load checks the model part, EMLoC both
     settings        the compression settings used (dict)
     stats           per chunk: tokens, demos, seconds, and per layer kept / ratio / JS
     """
@@ -85,8 +167,29 @@ class TaskMemory:
         """Bytes of the kept keys and values."""
         return sum(2 * l.keys.numel() * l.keys.element_size() for l in self.layers)
 
+    def first_chunks(self, n: int) -> "TaskMemory":
+        """A new memory of the first n chunks only (copied; this one is unchanged).
+
+        Compression is sequential (a chunk never changes what earlier chunks kept), so this equals
+        compressing only those chunks' demos with the same settings: a memory of fewer demos
+        without compressing again.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(self.stats):
+            raise EMLoCError(f"n must be an integer in [1, {len(self.stats)}] (the chunks of this "
+                             f"memory), got {n!r}")
+        chunks = self.stats[:n]
+        layers = []
+        for l, layer in enumerate(self.layers):
+            kept = sum(chunk["layers"][l]["kept"] for chunk in chunks)
+            part = LayerMemory(layer.keys.shape[0], layer.keys.shape[2], layer.keys.dtype, layer.keys.device)
+            part.set(layer.keys[:, :kept].clone(), layer.values[:, :kept].clone())
+            layers.append(part)
+        tokens = sum(chunk["tokens"] for chunk in chunks)
+        return TaskMemory(layers, self.offset - (self.context_length - tokens), tokens,
+                          copy.deepcopy(self.fingerprint), dict(self.settings), copy.deepcopy(chunks))
+
     def kv(self) -> list:
-        """Per layer (keys, values) views [Hkv, M_l, D]."""
+        """Per layer (keys, values) views [Hkv, M_l, D] of the buffers (no copy), each on its layer's device."""
         return [(layer.keys, layer.values) for layer in self.layers]
 
     def __repr__(self):
@@ -113,6 +216,7 @@ class TaskMemory:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a memory is shared
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -122,36 +226,19 @@ class TaskMemory:
 
     @classmethod
     def load(cls, path, model) -> "TaskMemory":
-        """Read a memory saved by `save` for `model`; raises EMLoCError if it does not fit."""
-        from safetensors import SafetensorError, safe_open
-
+        """Read a memory saved by `save` for `model`, each layer onto the device its decoder layer
+        runs on; raises EMLoCError if the file is damaged, of another version or another model."""
         from .model_adapter import DecoderAdapter
 
         adapter = DecoderAdapter(model)
-        path = Path(path)
-        if not path.is_file():
-            raise EMLoCError(f"no memory file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                if metadata.get("format") != FORMAT_NAME:
-                    raise EMLoCError(f"{path} is not an emloc task memory")
-                if metadata.get("version") != str(FORMAT_VERSION):
-                    raise EMLoCError(f"{path} has format version {metadata.get('version')!r}; this "
-                                     f"emloc reads version {FORMAT_VERSION}. Compress the task again")
-                header = json.loads(metadata["header"])
-                tensors = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError, KeyError) as exc:
-            if isinstance(exc, EMLoCError):
-                raise
-            raise EMLoCError(f"{path} is damaged or truncated ({exc})") from None
-        expected = adapter.fingerprint()
-        if header.get("fingerprint") != expected:
-            diff = {k: (header.get("fingerprint", {}).get(k), v) for k, v in expected.items()
-                    if header.get("fingerprint", {}).get(k) != v}
-            raise EMLoCError(f"{path} was made with another model (file vs this model: {diff})")
-        layers = []
-        for i in range(adapter.n_layers):
+        header, tensors = _read(path, with_tensors=True)
+        stored = header["fingerprint"]
+        diff = fingerprint_diff(model_part(stored), adapter.fingerprint())
+        if diff:
+            raise EMLoCError(f"{path} was made with another model (file vs this model: {diff}); "
+                             "load it with the model it was compressed with, or compress again")
+        layers = empty_layers(adapter)
+        for i, layer in enumerate(layers):
             try:
                 k, v = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
             except KeyError:
@@ -160,8 +247,7 @@ class TaskMemory:
                         and k.shape[2] == adapter.head_dim)
             if not shape_ok or k.dtype != adapter.dtype:
                 raise EMLoCError(f"{path} is damaged: layer {i} has shape {tuple(k.shape)} {k.dtype}")
-            layer = LayerMemory(adapter.n_kv_heads, adapter.head_dim, adapter.dtype, adapter.device)
-            layer.set(k.to(adapter.device), v.to(adapter.device))
-            layers.append(layer)
-        return cls(layers, header["offset"], header["context_length"], header["fingerprint"],
+            device = adapter.layer_devices[i]
+            layer.set(k.to(device), v.to(device))
+        return cls(layers, header["offset"], header["context_length"], stored,
                    header["settings"], header["stats"])

@@ -4,10 +4,15 @@ The compressor restarts forwards at any layer, so it drives the model's own modu
 (embedding, rotary embedding, decoder layers, final norm, lm_head) one by one. Attention inside
 every layer is routed to emloc's registered attention function (see attention.py) for the
 duration of a call.
+
+Models split over several devices (`device_map`, accelerate) are driven module by module: each
+piece runs on the device of its own weights (or its accelerate hook's execution device), and
+hidden states, positions and rotary tables are moved to it before it runs.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 
@@ -15,11 +20,28 @@ from .attention import ATTENTION_NAME
 from .errors import EMLoCError
 
 
+def module_device(module) -> torch.device:
+    """The device a module computes on: its accelerate hook's execution device, else the device
+    of its first parameter or buffer (CPU for a module with neither)."""
+    hook_device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(hook_device)
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _current_device(device: torch.device):
+    """Make a CUDA `device` current inside the block (kernels launch there); no-op otherwise."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class DecoderAdapter:
     """The parts of a causal LM that emloc drives, plus its shapes.
 
     Attributes: n_layers, n_heads, n_kv_heads, head_dim, hidden_size, vocab_size,
-    max_positions, dtype, device.
+    max_positions, dtype, device (the lm_head's: logits and decoding state live there),
+    layer_devices (list[torch.device], where each decoder layer runs; its memory lives there).
     """
 
     def __init__(self, model):
@@ -56,7 +78,11 @@ class DecoderAdapter:
         self.max_positions = getattr(c, "max_position_embeddings", None) or 2**31
         self.scaling = getattr(attn0, "scaling", self.head_dim ** -0.5)
         self.dtype = self.lm_head.weight.dtype
-        self.device = self.lm_head.weight.device
+        self.device = module_device(self.lm_head)
+        self.layer_devices = [module_device(layer) for layer in self.layers]
+        self._embed_device = module_device(self.embed_tokens)
+        self._rotary_device = module_device(self.rotary_emb)
+        self._norm_device = module_device(self.norm)
 
     # -- routing ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -75,36 +101,50 @@ class DecoderAdapter:
 
     # -- pieces of the forward -------------------------------------------------------------
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B, T] int64 -> [B, T, H] hidden states in the model dtype."""
-        return self.embed_tokens(ids.to(self.embed_tokens.weight.device))
+        """[B, T] int64 -> [B, T, H] hidden states in the model dtype (on the embedding's device)."""
+        return self.embed_tokens(ids.to(self._embed_device))
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
-        """(cos, sin) for [B, T] absolute positions."""
-        return self.rotary_emb(hidden, positions)
+        """(cos, sin) for [B, T] absolute positions (on the rotary module's device)."""
+        return self.rotary_emb(hidden.to(self._rotary_device), positions.to(self._rotary_device))
 
     def run_layers(self, hidden, positions, rotary, start: int, stop: int, plan, on_layer_input=None):
         """Run decoder layers [start, stop) on hidden [B, T, H] with attention plan `plan`.
 
+        Each layer runs on its own device (layer_devices), made the current CUDA device while it
+        runs; hidden, positions and rotary are moved there. Returns hidden on the last layer's device.
         on_layer_input(l, hidden) is called with the input of each layer (for restarts).
         """
+        placed = {}  # device -> (positions, rotary) on that device
         for l in range(start, stop):
+            device = self.layer_devices[l]
+            if device not in placed:
+                placed[device] = (positions.to(device), tuple(t.to(device) for t in rotary))
+            layer_positions, layer_rotary = placed[device]
+            hidden = hidden.to(device)
             if on_layer_input is not None:
                 on_layer_input(l, hidden)
-            out = self.layers[l](hidden, attention_mask=None, position_ids=positions,
-                                 position_embeddings=rotary, emloc_plan=plan)
+            with _current_device(device):  # Triton launches on the current CUDA device
+                out = self.layers[l](hidden, attention_mask=None, position_ids=layer_positions,
+                                     position_embeddings=layer_rotary, emloc_plan=plan)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden)
+        """The model's final norm, on its device."""
+        return self.norm(hidden.to(self._norm_device))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden [..., H] -> fp32 logits [..., V] (the model's own lm_head)."""
-        return self.lm_head(hidden).float()
+        """Final-norm hidden [..., H] -> fp32 logits [..., V] (the model's own lm_head, on `device`)."""
+        return self.lm_head(hidden.to(self.device)).float()
 
     def fingerprint(self) -> dict:
         """What identifies the model a memory belongs to (architecture, sizes, dtype, weights)."""
         w = self.embed_tokens.weight
+        if w.device.type == "meta":
+            raise EMLoCError("the model's weights are offloaded (parameters on the 'meta' device); "
+                             "emloc needs every weight resident: use a device_map without offloading "
+                             "(no 'disk' entries, and no 'cpu' entries next to GPUs)")
         probe = w[:: max(1, w.shape[0] // 64), :8].detach().float().cpu()
         return {
             "architecture": type(self.model).__name__,
