@@ -358,7 +358,8 @@ def plot_sweep(rows, path, metric="acc_cal") -> bool:
             r = by[method]
             ax_acc.plot(r["compression"], r[metric], marker, color=color, mfc="none", ms=8)
             ax_js.plot(r["compression"], r["js"], marker, color=color, mfc="none", ms=8)
-    ax_acc.set(xlabel="compression ratio (context / mean kept tokens per layer)", ylabel=f"accuracy ({ACCURACIES[metric]})",
+    ax_acc.set(xlabel="compression ratio (context / mean kept tokens per layer)",
+               ylabel=f"accuracy ({ACCURACIES[metric]})",
                title="emloc δ sweep (labels: δ); -- full context, : zero-shot; □ uniform, △ pyramid")
     ax_js.set(xlabel="compression ratio", ylabel="mean JS vs full context (nats)", yscale="log",
               title="first-answer-token JS divergence vs full context")

@@ -12,7 +12,8 @@ Every run decodes exactly 1 + --new-tokens tokens per row (no early stop). TTFT:
 of answering (token ids ready) to the first token chosen; decode tokens/s: batch x new tokens /
 time from the first to the last token. KV bytes: (a) and (b) the memory's keys/values, shared
 by every row; (c) the context keys/values the batch rebuilds (batch x context tokens).
-Medians of --repeats runs after one warm-up run, with the spread (max - min).
+Medians of --repeats rounds after one warm-up round, with the spread (max - min); every round
+runs the three methods one after the other, so that load from other processes falls on all.
 
 The largest size is compressed once; smaller sizes that are whole chunks are its first chunks
 (TaskMemory.first_chunks: compression is sequential, so this equals compressing those demos).
@@ -130,14 +131,20 @@ def get_memories(comp, full, demos, sizes, cache_dir: Path) -> dict:
     return memories
 
 
-def measure(fn, repeats: int) -> dict:
-    """Warm-up, then `repeats` runs of fn() -> (ttft s, decode s); medians and spreads."""
-    fn()
-    runs = [fn() for _ in range(repeats)]
-    ttft = [r[0] * 1e3 for r in runs]
-    decode = [r[1] for r in runs]
-    return {"ttft_ms": statistics.median(ttft), "ttft_spread": max(ttft) - min(ttft),
-            "decode_s": decode}
+def measure(runs: dict, repeats: int) -> dict:
+    """{method: fn() -> (ttft s, decode s)} -> {method: (ttft ms list, decode s list)}.
+
+    One warm-up round, then `repeats` rounds; each round runs every method once, so that load
+    from other processes falls on all methods alike.
+    """
+    times = {method: ([], []) for method in runs}
+    for round_ in range(1 + repeats):
+        for method, fn in runs.items():
+            ttft, decode = fn()
+            if round_:
+                times[method][0].append(ttft * 1e3)
+                times[method][1].append(decode)
+    return times
 
 
 def main(argv=None):
@@ -148,15 +155,20 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=16,
                         help="decoded tokens after the first (default 16)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs per case, after a warm-up (default 3)")
+                        help="timed rounds per case, after a warm-up round (default 3)")
     parser.add_argument("--model", default=None, help="model folder or .gguf (default: bundled SmolLM2-135M)")
     parser.add_argument("--cache-dir", default=None,
                         help="folder for compressed memories (default: a temp dir)")
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is steadier on a busy machine")
     args = parser.parse_args(argv)
     if min(args.demos) < 1 or min(args.batch_sizes) < 1 or args.new_tokens < 1 or args.repeats < 3:
         parser.error("--demos and --batch-sizes must be >= 1, --new-tokens >= 1, --repeats >= 3")
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     rows = load_task()
     sizes = sorted(set(args.demos))
@@ -183,33 +195,37 @@ def main(argv=None):
                 query_rows = [comp.renderer.query(q) for q in qs]
                 full_rows = [comp.full_inputs(rows[:n], q, system=SYSTEM)["input_ids"][0].tolist()
                              for q in qs]
+                runs, kv = {}, {}
                 for method in METHODS:
                     if method == "reread":
-                        run = functools.partial(answer_rereading, model, full_rows, comp.pad_id,
-                                                args.new_tokens)
-                        kv = batch * context_kv_bytes(model, memories[("full", n)].context_length)
+                        runs[method] = functools.partial(answer_rereading, model, full_rows, comp.pad_id,
+                                                         args.new_tokens)
+                        kv[method] = batch * context_kv_bytes(model, memories[("full", n)].context_length)
                     else:
                         memory = memories[(method, n)]
-                        run = functools.partial(answer_from_memory, comp, memory, query_rows, args.new_tokens)
-                        kv = memory.nbytes
-                    r = measure(run, args.repeats)
-                    speeds = [batch * args.new_tokens / s for s in r["decode_s"]]
-                    r.update(demos=n, batch=batch, method=method, kv_bytes=kv,
-                             decode_tps=statistics.median(speeds), decode_spread=max(speeds) - min(speeds))
+                        runs[method] = functools.partial(answer_from_memory, comp, memory, query_rows,
+                                                         args.new_tokens)
+                        kv[method] = memory.nbytes
+                for method, (ttft, decode) in measure(runs, args.repeats).items():
+                    speeds = [batch * args.new_tokens / s for s in decode]
+                    steps_ms = [1e3 * t / args.new_tokens for t in decode]
+                    r = {"demos": n, "batch": batch, "method": method, "kv_bytes": kv[method],
+                         "ttft_ms": statistics.median(ttft), "ttft_spread": max(ttft) - min(ttft),
+                         "decode_tps": statistics.median(speeds), "decode_spread": max(speeds) - min(speeds)}
                     results.append(r)
                     print(f"{n:>4} demos  batch {batch}  {method:<7} TTFT {r['ttft_ms']:8.1f} ms "
                           f"±{r['ttft_spread']:.1f}   decode {r['decode_tps']:7.1f} tok/s "
-                          f"±{r['decode_spread']:.1f}   KV {kv / 2**20:7.2f} MiB", file=sys.stderr)
-                    steps_ms = [1e3 * t / args.new_tokens for t in r["decode_s"]]
+                          f"±{r['decode_spread']:.1f}   KV {r['kv_bytes'] / 2**20:7.2f} MiB",
+                          file=sys.stderr)
                     case = f"{model_name} demos={n} batch={batch}"
                     csv_rows += [
                         {"bench": "query", "case": case, "impl": method, "median_ms": r["ttft_ms"],
                          "spread_ms": r["ttft_spread"], "metric": "ttft_ms", "value": round(r["ttft_ms"], 2),
-                         "note": f"repeats={args.repeats} kv_bytes={kv}"},
+                         "note": f"repeats={args.repeats} threads={threads} kv_bytes={r['kv_bytes']}"},
                         {"bench": "query", "case": case, "impl": method,
                          "median_ms": statistics.median(steps_ms), "spread_ms": max(steps_ms) - min(steps_ms),
                          "metric": "decode_tok_per_s", "value": round(r["decode_tps"], 2),
-                         "note": f"ms per decode step; new_tokens={args.new_tokens}"},
+                         "note": f"ms per decode step; new_tokens={args.new_tokens} threads={threads}"},
                     ]
         append_rows(csv_rows, "cpu")
         text = report(results, memories, sizes, sorted(set(args.batch_sizes)), args, model_name)
@@ -223,8 +239,8 @@ def report(results, memories, sizes, batches, args, model_name) -> str:
     v = versions()
     lines = [f"Model: {model_name}. Device: {device_name('cpu')}; torch {v['torch']}, "
              f"transformers {v['transformers']}; "
-             f"{args.new_tokens} decoded tokens after the first, medians of {args.repeats} runs "
-             "(± max - min) after a warm-up.", "",
+             f"{args.new_tokens} decoded tokens after the first, medians of {args.repeats} rounds "
+             "(± max - min) after a warm-up round; methods interleaved in every round.", "",
              "| demos | context tokens | emloc kept/layer (mean) | compression ratio |",
              "|---:|---:|---:|---:|"]
     for n in sizes:

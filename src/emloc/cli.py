@@ -1,8 +1,8 @@
 """The `emloc` command line: demo, compress, answer, inspect, bench.
 
 Exit codes: 0 success, 2 a mistake the user can fix (bad arguments, missing or bad files, a model
-that does not fit), 1 anything unexpected, 130 interrupted. Errors are printed as one line on
-stderr; set EMLOC_DEBUG=1 to get the traceback of an unexpected error instead.
+that does not fit), 1 anything unexpected, 130 interrupted, 141 output pipe closed. Errors are
+printed as one line on stderr; set EMLOC_DEBUG=1 to get the traceback of an unexpected error instead.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import EMLoCError
 
-EXIT_OK, EXIT_UNEXPECTED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED = 0, 1, 2, 130, 141
 
 EXIT_CODES = """\
 exit codes:
@@ -23,6 +23,7 @@ exit codes:
        memory, model), a memory made with another model or tokenizer; the message says which
   1    an unexpected error (a bug): set EMLOC_DEBUG=1 to see the traceback
   130  interrupted (Ctrl-C)
+  141  the reader of the output went away (e.g. `emloc inspect task.emloc | head`)
 errors are printed as one line on stderr, starting with 'emloc: error:'"""
 
 OVERVIEW = """\
@@ -187,7 +188,8 @@ def plot_retention(kept: list, tokens: list, title: str, path) -> None:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise EMLoCError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+        raise EMLoCError("--plot needs matplotlib, which is not installed: pip install matplotlib "
+                         "(or pip install 'emloc[plot]')") from None
     n_chunks, n_layers = len(kept), len(kept[0]) if kept else 0
     if not n_chunks or not n_layers:
         raise EMLoCError("the memory has no chunks to plot")
@@ -352,6 +354,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("emloc: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early: stop quietly, as a pipe's writer should
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
     except Exception as exc:  # noqa: BLE001 - one readable line instead of a stack trace
         if os.environ.get("EMLOC_DEBUG"):
             raise
