@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from emloc_kernels import lm_head_js, rank_tokens, teacher_logsumexp
+from emloc_kernels import TeacherJS, rank_tokens
 
 from .attention import CandidateProbePlan, PrefixPlan, ProbePlan
 from .rendering import RenderedSequence
@@ -133,7 +133,7 @@ class ChunkCompressor:
         """
         a, s = self.adapter, self.settings
         chunk_len = len(protected)
-        teacher_lse = teacher_logsumexp(teacher, a.lm_head.weight, backend=self.backend)
+        teacher_js = TeacherJS(teacher, a.lm_head.weight, backend=self.backend)  # once per chunk
         ks = candidate_sizes(s.ratios, chunk_len, int(protected.sum()))
         # ks never decreases, so the candidates that prune anything are a prefix of the ratios;
         # one that would keep every token is the configuration already accepted above: keep all.
@@ -146,7 +146,7 @@ class ChunkCompressor:
                                       s.protect_bonus, backend=self.backend) for l in group} if trials else {}
             test = self._test_batched if batched else self._test_in_order
             chosen, js, tests = test(memory, chunk_kv, probe, layer_inputs[group[0]], group, indices,
-                                     kept_segments, teacher, teacher_lse, len(trials)) if trials else (None, None, 0)
+                                     kept_segments, teacher_js, len(trials)) if trials else (None, None, 0)
             for l in group:
                 index = None if chosen is None else indices[l][chosen]
                 ratio = 1.0 if chosen is None else trials[chosen][0]
@@ -155,29 +155,28 @@ class ChunkCompressor:
         return decisions
 
     def _test_in_order(self, memory, chunk_kv, probe, layer_input, group, indices, kept_segments,
-                       teacher, teacher_lse, n_trials):
+                       teacher_js, n_trials):
         """Test candidates one by one; stop at the first that passes. -> (chosen or None, JS, tests)."""
         js = None
         for c in range(n_trials):
             segments = dict(kept_segments)
             for l in group:
                 segments[l] = gather_rows(*chunk_kv[l], indices[l][c])
-            js = self._js(memory, probe, layer_input, group[0], segments, teacher, teacher_lse)
+            js = self._js(memory, probe, layer_input, group[0], segments, teacher_js)
             if js <= self.settings.tolerance:
                 return c, js, c + 1
         return None, js, n_trials
 
-    def _js(self, memory, probe, layer_input, start, segments, teacher, teacher_lse) -> float:
+    def _js(self, memory, probe, layer_input, start, segments, teacher_js) -> float:
         """Mean JS over answer positions of the probe restarted at layer `start` with `segments`."""
         a = self.adapter
         plan = ProbePlan(memory.kv(), segments, probe.valid, probe.observer, backend=self.backend)
         out = a.run_layers(layer_input, probe.positions, self._rotary, start, a.n_layers, plan)
         student = a.final_norm(out)[probe.observer]
-        js = lm_head_js(student, teacher, a.lm_head.weight, teacher_lse, backend=self.backend)
-        return max(0.0, float(js.mean()))
+        return max(0.0, float(teacher_js(student).mean()))
 
     def _test_batched(self, memory, chunk_kv, probe, layer_input, group, indices, kept_segments,
-                      teacher, teacher_lse, n_trials):
+                      teacher_js, n_trials):
         """All candidates in one forward of n_trials replicas of the probe; same decision as in
         order (the first that passes), one host sync. -> (chosen or None, JS, tests)."""
         a, C = self.adapter, n_trials
@@ -188,8 +187,7 @@ class ChunkCompressor:
         rotary = tuple(t.repeat(C, *([1] * (t.dim() - 1))) for t in self._rotary)
         out = a.run_layers(layer_input.repeat(C, 1, 1), positions, rotary, group[0], a.n_layers, plan)
         student = a.final_norm(out)[probe.observer.repeat(C, 1)]
-        js = lm_head_js(student, teacher.repeat(C, 1), a.lm_head.weight, teacher_lse.repeat(C),
-                        backend=self.backend).view(C, -1).mean(dim=1).clamp_min(0.0)
+        js = teacher_js(student, replicas=C).view(C, -1).mean(dim=1).clamp_min(0.0)
         passed = (js <= self.settings.tolerance).tolist()
         chosen = passed.index(True) if True in passed else None
         return chosen, float(js[chosen if chosen is not None else C - 1]), C

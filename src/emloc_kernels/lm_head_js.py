@@ -29,14 +29,19 @@ def teacher_logsumexp_reference(hidden, weight):
     return torch.logsumexp(hidden.float() @ weight.float().T, dim=-1)
 
 
-def lm_head_js_reference(student_hidden, teacher_hidden, weight, teacher_lse):
-    """Plain PyTorch JS over full-vocabulary fp32 logits."""
-    log_q = torch.log_softmax(student_hidden.float() @ weight.float().T, dim=-1)
-    log_p = teacher_hidden.float() @ weight.float().T - teacher_lse.float()[:, None]
+def js_from_log_probs(log_p, log_q):
+    """JS [N] fp32 (nats, clamped at 0) between rows of log-probabilities log_p, log_q [N, V]."""
     log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, device=log_p.device))
     p, q = log_p.exp(), log_q.exp()
     js = 0.5 * (p * (log_p - log_m)).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1)
     return js.clamp_min(0.0)
+
+
+def lm_head_js_reference(student_hidden, teacher_hidden, weight, teacher_lse):
+    """Plain PyTorch JS over full-vocabulary fp32 logits."""
+    log_q = torch.log_softmax(student_hidden.float() @ weight.float().T, dim=-1)
+    log_p = teacher_hidden.float() @ weight.float().T - teacher_lse.float()[:, None]
+    return js_from_log_probs(log_p, log_q)
 
 
 @triton.jit
@@ -262,3 +267,34 @@ def lm_head_js(student_hidden, teacher_hidden, weight, teacher_lse, backend="aut
     if resolve_backend(backend, student_hidden, weight) == "torch":
         return lm_head_js_reference(student_hidden, teacher_hidden, weight, teacher_lse)
     return lm_head_js_triton(student_hidden, teacher_hidden, weight, teacher_lse)
+
+
+class TeacherJS:
+    """JS of student hidden states against a fixed teacher, with teacher statistics computed once.
+
+    teacher_hidden [N, H] and weight [V, H] as above. On the Triton path only the teacher's
+    log-sum-exp [N] is kept (the fused kernel recomputes teacher logits tile by tile); on the
+    PyTorch path the teacher's log-probabilities [N, V] fp32 are kept, so that each test computes
+    only the student's logits (N is the answer positions of one chunk's probe: bounded by the chunk).
+    """
+
+    def __init__(self, teacher_hidden, weight, backend="auto"):
+        _check_hidden_weight("teacher_hidden", teacher_hidden, weight)
+        self.teacher, self.weight = teacher_hidden, weight
+        self.backend = resolve_backend(backend, teacher_hidden, weight)
+        if self.backend == "torch":
+            self.log_p = torch.log_softmax(teacher_hidden.float() @ weight.float().T, dim=-1)
+        else:
+            self.lse = teacher_logsumexp_triton(teacher_hidden, weight)
+
+    def __call__(self, student_hidden, replicas=1):
+        """student_hidden [replicas * N, H] (replica-major) -> JS [replicas * N] fp32."""
+        _check_hidden_weight("student_hidden", student_hidden, self.weight)
+        if student_hidden.shape[0] != replicas * self.teacher.shape[0]:
+            raise ValueError(f"student_hidden has {student_hidden.shape[0]} rows, expected "
+                             f"{replicas} replicas x {self.teacher.shape[0]} teacher rows")
+        if self.backend == "torch":
+            log_q = torch.log_softmax(student_hidden.float() @ self.weight.float().T, dim=-1)
+            return js_from_log_probs(self.log_p.repeat(replicas, 1), log_q)
+        return lm_head_js_triton(student_hidden, self.teacher.repeat(replicas, 1), self.weight,
+                                 self.lse.repeat(replicas))

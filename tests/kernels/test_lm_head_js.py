@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from emloc_kernels.lm_head_js import (lm_head_js, lm_head_js_reference, teacher_logsumexp,
+from emloc_kernels.lm_head_js import (TeacherJS, lm_head_js, lm_head_js_reference, teacher_logsumexp,
                                       teacher_logsumexp_reference)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -134,3 +134,32 @@ def test_invalid_input_raises(case):
     if case in ("hidden_size", "dtype", "int_dtype", "rank", "empty_vocab"):
         with pytest.raises(ValueError):
             teacher_logsumexp(student, weight, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_teacher_js_matches_float64(backend, dtype, replicas, poisoned):
+    """TeacherJS (teacher statistics cached once) on replica-major students equals the float64
+    JS of each replica against the same teacher rows."""
+    n, v, h = 7, 300, 40
+    students, teacher, weight = [], None, None
+    for r in range(replicas):
+        student, teacher, weight = make_inputs(n, v, h, dtype, [1.0, 0.05, 0.3][r], seed=5)
+        students.append(student)
+    js = TeacherJS(teacher, weight, backend=backend)(torch.cat(students), replicas=replicas)
+    js64 = torch.cat([reference64(s, teacher, weight)[0] for s in students])
+    assert js.dtype == torch.float32 and js.shape == (replicas * n,)
+    assert js64.min() > 1e-4  # every replica differs from the teacher
+    torch_err = torch.cat([
+        (lm_head_js_reference(s, teacher, weight, teacher_logsumexp_reference(teacher, weight)).double()
+         - reference64(s, teacher, weight)[0]).abs() for s in students])
+    assert ((js.double() - js64).abs() <= 2 * torch_err + 2e-5 * js64 + 2e-7).all()
+
+
+def test_teacher_js_rejects_wrong_rows():
+    student, teacher, weight = make_inputs(4, 100, 16, torch.float32, 1.0)
+    with pytest.raises(ValueError, match="replicas"):
+        TeacherJS(teacher, weight, backend="torch")(torch.cat([student, student]), replicas=1)
+    with pytest.raises(ValueError, match="hidden size"):
+        TeacherJS(teacher, weight, backend="torch")(torch.randn(4, 17))
