@@ -14,16 +14,18 @@ from .attention import OwnKVCache, PrefixPlan
 from .errors import EMLoCError
 
 
-def _left_padded(rows: list, pad_id: int, device):
-    """rows of token ids -> ids [B, T], valid [B, T] (False at the left padding), pad counts [B]."""
-    width = max(len(r) for r in rows)
+def _left_padded(adapter, rows: list, pad_id: int, offset: int):
+    """Rendered query rows -> ids [B, T], valid [B, T] (False at the left padding), positions
+    [P, B, T] (offset + each row's own positions; padding slots at the offset)."""
+    width = max(len(r.ids) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     valid = torch.zeros(len(rows), width, dtype=torch.bool)
+    positions = torch.full((adapter.position_dims, len(rows), width), offset, dtype=torch.long)
     for b, row in enumerate(rows):
-        ids[b, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        valid[b, width - len(row):] = True
-    pads = torch.tensor([width - len(r) for r in rows])
-    return ids.to(device), valid.to(device), pads.to(device)
+        ids[b, width - len(row.ids):] = torch.tensor(row.ids, dtype=torch.long)
+        valid[b, width - len(row.ids):] = True
+        positions[:, b, width - len(row.ids):] += adapter.relative_positions(row)
+    return ids.to(adapter.device), valid.to(adapter.device), positions.to(adapter.device)
 
 
 def check_positions(adapter, memory, needed: int) -> None:
@@ -121,12 +123,12 @@ class _RoutedPlan:
         return self.plans[part].attend(local, q, k, v, scale)
 
 
-def query_logits(adapter, memory, ids: list, first_row: int, backend: str) -> torch.Tensor:
-    """fp32 logits [len(ids) - first_row, V] of one token sequence read after the memory."""
-    check_positions(adapter, memory, len(ids))
-    ids_t = torch.tensor([ids], device=adapter.device)
-    positions = memory.offset + torch.arange(len(ids), device=adapter.device)[None]
-    hidden = adapter.embed(ids_t)
+def query_logits(adapter, memory, seq, first_row: int, backend: str) -> torch.Tensor:
+    """fp32 logits [len(seq.ids) - first_row, V] of one rendered sequence read after the memory."""
+    check_positions(adapter, memory, len(seq.ids))
+    ids_t = torch.tensor([seq.ids], device=adapter.device)
+    positions = (memory.offset + adapter.relative_positions(seq)[:, None, :]).to(adapter.device)
+    hidden = adapter.embed(ids_t, [seq])
     plan = PrefixPlan(memory.kv(), backend=backend)
     out = adapter.run_layers(hidden, positions, adapter.rotary(hidden, positions), 0,
                              adapter.n_layers, plan)
@@ -135,25 +137,25 @@ def query_logits(adapter, memory, ids: list, first_row: int, backend: str) -> to
 
 def generate_batch(adapter, memory, rows: list, stop_ids: set, pad_id: int, max_new_tokens: int,
                    sampler: Sampler, backend: str) -> list:
-    """Decode up to max_new_tokens for each row of token ids (one left-padded batch).
+    """Decode up to max_new_tokens for each rendered query row (one left-padded batch).
 
-    Row b's positions start at memory.offset whatever its padding; it stops after emitting a
-    token of stop_ids (included in its output) or max_new_tokens. Returns the new ids per row.
+    Row b's positions start at memory.offset whatever its padding, and each new token takes the
+    row's largest position + 1; a row stops after emitting a token of stop_ids (included in its
+    output) or max_new_tokens. Returns the new ids per row.
     """
     a = adapter
-    check_positions(a, memory, max(len(r) for r in rows) + max_new_tokens)
-    ids, valid0, pads = _left_padded(rows, pad_id, a.device)
+    check_positions(a, memory, max(len(r.ids) for r in rows) + max_new_tokens)
+    ids, valid0, positions = _left_padded(a, rows, pad_id, memory.offset)
     batch, width = ids.shape
     valid = torch.ones(batch, width + max_new_tokens, dtype=torch.bool, device=a.device)
     valid[:, :width] = valid0
     plans = DevicePlans(a, memory, valid, backend)
-    positions = memory.offset + torch.arange(width, device=a.device)[None] - pads[:, None]
-    positions = positions.clamp_min(memory.offset)  # padding slots: any valid position, masked
+    seqs = rows
     step_ids, outputs = ids, [[] for _ in rows]
     done = torch.zeros(batch, dtype=torch.bool, device=a.device)
     stop = torch.tensor(sorted(stop_ids), device=a.device)
     for step in range(max_new_tokens):
-        hidden = a.embed(step_ids)
+        hidden = a.embed(step_ids, seqs)
         out = a.run_layers(hidden, positions, a.rotary(hidden, positions), 0, a.n_layers,
                            plans.plan(width + step))
         token = sampler(a.logits(a.final_norm(out[:, -1])))
@@ -163,6 +165,7 @@ def generate_batch(adapter, memory, rows: list, stop_ids: set, pad_id: int, max_
         done |= torch.isin(token, stop)
         if bool(done.all()):
             break
-        step_ids = token[:, None]
-        positions = positions[:, -1:] + 1
+        step_ids, seqs = token[:, None], None
+        positions = (positions.amax(dim=(0, 2))[None, :, None].repeat(a.position_dims, 1, 1) + 1
+                     if step == 0 else positions + 1)
     return outputs

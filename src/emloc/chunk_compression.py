@@ -44,20 +44,25 @@ class ProbeBatch:
     """The probe rows of a chunk: each demo alone, right-padded, after the chunk.
 
     ids [B, L] int64, valid [B, L] bool (False at padding), observer [B, L] bool (answer spans),
-    positions [B, L] int64 (start + 0..L-1 for every row).
+    positions [P, B, L] int64 (start + the row's own positions; padding slots continue 0..L-1),
+    rows (the RenderedSequence of each row).
     """
 
-    def __init__(self, rows: list, start: int, pad_id: int, device):
+    def __init__(self, rows: list, start: int, pad_id: int, adapter):
         width = max(len(r.ids) for r in rows)
+        self.rows = rows
         self.ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         self.valid = torch.zeros(len(rows), width, dtype=torch.bool)
         self.observer = torch.zeros(len(rows), width, dtype=torch.bool)
+        positions = torch.arange(width).repeat(adapter.position_dims, len(rows), 1)
         for b, row in enumerate(rows):
             self.ids[b, :len(row.ids)] = torch.tensor(row.ids)
             self.valid[b, :len(row.ids)] = True
             self.observer[b, :len(row.ids)] = torch.tensor(row.answer_mask)
+            positions[:, b, :len(row.ids)] = adapter.relative_positions(row)
+        device = adapter.device
         self.ids, self.valid, self.observer = (t.to(device) for t in (self.ids, self.valid, self.observer))
-        self.positions = (start + torch.arange(width, device=device))[None].expand(len(rows), -1)
+        self.positions = (start + positions).to(device)
 
 
 class ChunkCompressor:
@@ -72,12 +77,14 @@ class ChunkCompressor:
         t0 = time.perf_counter()
         a, s = self.adapter, self.settings
         chunk_len = len(chunk.ids)
-        chunk_kv = self._prefill(memory, chunk.ids)
+        chunk_positions = a.relative_positions(chunk)
+        chunk_kv = self._prefill(memory, chunk, chunk_positions)
+        next_offset = memory.offset + int(chunk_positions.max()) + 1
         # per layer: (index [Hkv, k] or None = keep all, ratio, JS of the accepted test, tests run)
         if s.method == "full" or (s.method == "emloc" and s.tolerance == 0):
             decisions = [(None, 1.0, None, 0)] * a.n_layers
         else:
-            probe = ProbeBatch(probe_rows, memory.offset + chunk_len, self.pad_id, a.device)
+            probe = ProbeBatch(probe_rows, next_offset, self.pad_id, a)
             protected = torch.tensor(chunk.answer_mask, device=a.device)
             layer_inputs, scores, teacher = self._probe(memory, chunk_kv, probe)
             if s.method == "emloc":
@@ -92,18 +99,20 @@ class ChunkCompressor:
             memory.layers[l].append(keys, values, index, backend=self.backend)
             layer_stats.append({"layer": l, "kept": int(index.shape[1]), "ratio": ratio,
                                 "js": js, "tests": tests})
-        memory.offset += chunk_len
+        positions_used = next_offset - memory.offset
+        memory.offset = next_offset
         memory.context_length += chunk_len
-        return {"tokens": chunk_len, "demos": len(probe_rows), "seconds": time.perf_counter() - t0,
-                "layers": layer_stats}
+        return {"tokens": chunk_len, "positions": positions_used, "demos": len(probe_rows),
+                "seconds": time.perf_counter() - t0, "layers": layer_stats}
 
     # -- step 1: chunk prefill --------------------------------------------------------------
-    def _prefill(self, memory, ids: list) -> list:
-        """Run the chunk over the memory; return per layer its (keys, values) [Hkv, Lc, D]."""
+    def _prefill(self, memory, chunk: RenderedSequence, chunk_positions) -> list:
+        """Run the chunk (own positions [P, Lc]) over the memory; return per layer its (keys,
+        values) [Hkv, Lc, D]."""
         a = self.adapter
-        ids_t = torch.tensor([ids], device=a.device)
-        positions = memory.offset + torch.arange(len(ids), device=a.device)[None]
-        hidden = a.embed(ids_t)
+        ids_t = torch.tensor([chunk.ids], device=a.device)
+        positions = (memory.offset + chunk_positions[:, None, :]).to(a.device)
+        hidden = a.embed(ids_t, [chunk])
         record = [None] * a.n_layers
         plan = PrefixPlan(memory.kv(), record=record, backend=self.backend)
         a.run_layers(hidden, positions, a.rotary(hidden, positions), 0, a.n_layers, plan)
@@ -113,7 +122,7 @@ class ChunkCompressor:
     def _probe(self, memory, chunk_kv, probe: ProbeBatch):
         """Returns (layer inputs [B, L, H] per layer, scores [Hkv, Lc] per layer, teacher [N, H])."""
         a = self.adapter
-        hidden = a.embed(probe.ids)
+        hidden = a.embed(probe.ids, probe.rows)
         self._rotary = a.rotary(hidden, probe.positions)
         layer_inputs, scores = [None] * a.n_layers, {}
         plan = ProbePlan(memory.kv(), dict(enumerate(chunk_kv)), probe.valid, probe.observer,
@@ -183,9 +192,9 @@ class ChunkCompressor:
         candidates = {l: [gather_rows(*chunk_kv[l], indices[l][c]) for c in range(C)] for l in group}
         plan = CandidateProbePlan(memory.kv(), kept_segments, candidates, probe.valid.repeat(C, 1),
                                   backend=self.backend)
-        positions = probe.positions.repeat(C, 1)
-        rotary = tuple(t.repeat(C, *([1] * (t.dim() - 1))) for t in self._rotary)
-        out = a.run_layers(layer_input.repeat(C, 1, 1), positions, rotary, group[0], a.n_layers, plan)
+        hidden = layer_input.repeat(C, 1, 1)
+        positions = probe.positions.repeat(1, C, 1)
+        out = a.run_layers(hidden, positions, a.rotary(hidden, positions), group[0], a.n_layers, plan)
         student = a.final_norm(out)[probe.observer.repeat(C, 1)]
         js = teacher_js(student, replicas=C).view(C, -1).mean(dim=1).clamp_min(0.0)
         passed = (js <= self.settings.tolerance).tolist()

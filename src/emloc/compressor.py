@@ -158,19 +158,19 @@ class EMLoC:
     def logits(self, memory, query, continuation=None) -> torch.Tensor:
         """fp32 [1 + len(continuation tokens), V]: row 0 predicts the first answer token."""
         self._check_memory(memory)
-        ids = self.renderer.query(query)
-        first = len(ids) - 1
+        seq = self.renderer.query(query)
+        first = len(seq.ids) - 1
         if continuation is not None:
             if not isinstance(continuation, str):
                 raise EMLoCError("continuation must be a string")
-            ids = ids + self.renderer.text_ids(continuation)
+            seq.ids = seq.ids + self.renderer.text_ids(continuation)
         with self.adapter.emloc_attention():
-            return query_logits(self.adapter, memory, ids, first, self.settings.backend)
+            return query_logits(self.adapter, memory, seq, first, self.settings.backend)
 
     def full_inputs(self, demos, query, system=None) -> dict:
         """Model inputs for the uncompressed sequence: all chunks, then the query, as rendered here."""
         demos = _check_demos(demos)
         chunks, _ = self._chunks(demos, system)
-        ids = [t for c in chunks for t in c.ids] + self.renderer.query(query)
+        ids = [t for c in chunks for t in c.ids] + self.renderer.query(query).ids
         ids_t = torch.tensor([ids], device=self.adapter.device)
         return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}

@@ -185,7 +185,8 @@ class TaskMemory:
             part.set(layer.keys[:, :kept].clone(), layer.values[:, :kept].clone())
             layers.append(part)
         tokens = sum(chunk["tokens"] for chunk in chunks)
-        return TaskMemory(layers, self.offset - (self.context_length - tokens), tokens,
+        offset = sum(chunk.get("positions", chunk["tokens"]) for chunk in chunks)
+        return TaskMemory(layers, offset, tokens,
                           copy.deepcopy(self.fingerprint), dict(self.settings), copy.deepcopy(chunks))
 
     def kv(self) -> list:

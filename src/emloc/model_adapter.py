@@ -99,17 +99,36 @@ class DecoderAdapter:
             for c, impl in saved:
                 c._attn_implementation = impl
 
+    # -- positions -------------------------------------------------------------------------
+    # emloc keeps positions as [P, B, T] int64: P = 1 for plain RoPE, 3 for M-RoPE (temporal,
+    # height, width). A sequence's own positions start at 0; adding the memory's offset places
+    # it after the memory, and the offset then advances by the sequence's largest position + 1.
+    position_dims = 1
+
+    def relative_positions(self, seq) -> torch.Tensor:
+        """[P, T] int64 positions of a rendered sequence (RenderedSequence), counted from 0."""
+        return torch.arange(len(seq.ids))[None]
+
+    def _model_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """[P, B, T] -> what the model's rotary embedding takes ([B, T] for plain RoPE)."""
+        return positions[0] if self.position_dims == 1 else positions
+
     # -- pieces of the forward -------------------------------------------------------------
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """[B, T] int64 -> [B, T, H] hidden states in the model dtype (on the embedding's device)."""
+    def embed(self, ids: torch.Tensor, seqs=None) -> torch.Tensor:
+        """[B, T] int64 -> [B, T, H] hidden states in the model dtype (on the embedding's device).
+
+        seqs: the RenderedSequence of each row (used by models with media inputs).
+        """
         return self.embed_tokens(ids.to(self._embed_device))
 
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
-        """(cos, sin) for [B, T] absolute positions (on the rotary module's device)."""
-        return self.rotary_emb(hidden.to(self._rotary_device), positions.to(self._rotary_device))
+        """(cos, sin) for [P, B, T] absolute positions (on the rotary module's device)."""
+        return self.rotary_emb(hidden.to(self._rotary_device),
+                               self._model_positions(positions).to(self._rotary_device))
 
     def run_layers(self, hidden, positions, rotary, start: int, stop: int, plan, on_layer_input=None):
-        """Run decoder layers [start, stop) on hidden [B, T, H] with attention plan `plan`.
+        """Run decoder layers [start, stop) on hidden [B, T, H] with attention plan `plan`;
+        positions [P, B, T] and rotary = self.rotary(hidden, positions).
 
         Each layer runs on its own device (layer_devices), made the current CUDA device while it
         runs; hidden, positions and rotary are moved there. Returns hidden on the last layer's device.
@@ -119,7 +138,8 @@ class DecoderAdapter:
         for l in range(start, stop):
             device = self.layer_devices[l]
             if device not in placed:
-                placed[device] = (positions.to(device), tuple(t.to(device) for t in rotary))
+                placed[device] = (self._model_positions(positions).to(device),
+                                  tuple(t.to(device) for t in rotary))
             layer_positions, layer_rotary = placed[device]
             hidden = hidden.to(device)
             if on_layer_input is not None:

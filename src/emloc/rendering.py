@@ -134,10 +134,10 @@ class ChatRenderer:
             raise EMLoCError(f"demo {k}: the chat template puts no token before or after the answer")
         return opener, closer + 1
 
-    def query(self, content) -> list:
-        """Token ids of a query: no system message, with the generation prompt."""
+    def query(self, content) -> RenderedSequence:
+        """A query (no answer spans): no system message, with the generation prompt."""
         text = self._render([{"role": "user", "content": demo_text(content, "query")}], False, True)
-        return self._tokenize(text)[0]
+        return RenderedSequence(self._tokenize(text)[0], [])
 
     def text_ids(self, text: str) -> list:
         """Plain token ids of a continuation string (no template, no special tokens)."""
