@@ -79,7 +79,9 @@ class ChunkCompressor:
         chunk_len = len(chunk.ids)
         chunk_positions = a.relative_positions(chunk)
         chunk_kv = self._prefill(memory, chunk, chunk_positions)
-        next_offset = memory.offset + int(chunk_positions.max()) + 1
+        # the next chunk continues after the chunk's last token (a text token: the end of a turn);
+        # this is where the full sequence's own position ids put it, M-RoPE included
+        next_offset = memory.offset + int(chunk_positions[:, -1].max()) + 1
         # per layer: (index [Hkv, k] or None = keep all, ratio, JS of the accepted test, tests run)
         if s.method == "full" or (s.method == "emloc" and s.tolerance == 0):
             decisions = [(None, 1.0, None, 0)] * a.n_layers
@@ -91,6 +93,7 @@ class ChunkCompressor:
                 decisions = self._search(memory, chunk_kv, probe, protected, layer_inputs, scores, teacher)
             else:
                 decisions = self._fixed_schedule(chunk_len, protected, scores)
+        modality = self._modality(chunk)
         layer_stats = []
         for l, (index, ratio, js, tests) in enumerate(decisions):
             keys, values = chunk_kv[l]
@@ -99,11 +102,23 @@ class ChunkCompressor:
             memory.layers[l].append(keys, values, index, backend=self.backend)
             layer_stats.append({"layer": l, "kept": int(index.shape[1]), "ratio": ratio,
                                 "js": js, "tests": tests})
+            if modality is not None:  # kept media tokens, averaged over KV heads
+                kept = modality.to(index.device)[index]
+                layer_stats[-1].update({f"kept_{kind}": float((kept == code).sum()) / a.n_kv_heads
+                                        for kind, code in (("image", 1), ("video", 2))})
         positions_used = next_offset - memory.offset
         memory.offset = next_offset
         memory.context_length += chunk_len
-        return {"tokens": chunk_len, "positions": positions_used, "demos": len(probe_rows),
-                "seconds": time.perf_counter() - t0, "layers": layer_stats}
+        stats = {"tokens": chunk_len, "positions": positions_used, "demos": len(probe_rows),
+                 "seconds": time.perf_counter() - t0, "layers": layer_stats}
+        if modality is not None:
+            stats.update(image_tokens=int((modality == 1).sum()), video_tokens=int((modality == 2).sum()))
+        return stats
+
+    def _modality(self, chunk: RenderedSequence):
+        """[Lc] token types of the chunk (0 text, 1 image, 2 video) for models that take media, else None."""
+        token_types = getattr(self.adapter, "token_types", None)
+        return None if token_types is None else token_types(torch.tensor(chunk.ids))
 
     # -- step 1: chunk prefill --------------------------------------------------------------
     def _prefill(self, memory, chunk: RenderedSequence, chunk_positions) -> list:

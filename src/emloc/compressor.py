@@ -10,9 +10,11 @@ from .chunk_compression import ChunkCompressor
 from .errors import EMLoCError
 from .memory import (TOKENIZER_KEY, LayerMemory, TaskMemory, fingerprint_diff, model_part,
                      tokenizer_fingerprint)
+from .media import MediaPreparer
 from .model_adapter import DecoderAdapter
 from .rendering import ChatRenderer
 from .settings import Settings
+from .vision_language import VisionLanguageAdapter, is_vision_language
 
 
 def _check_demos(demos) -> list:
@@ -35,8 +37,10 @@ def _check_demos(demos) -> list:
 class EMLoC:
     """Compress demonstrations into a TaskMemory and answer queries from it.
 
-    model      a transformers decoder-only causal LM (Llama, Qwen2/3, Mistral families)
-    processor  its tokenizer (with a chat template)
+    model      a transformers decoder-only causal LM (Llama, Qwen2/3, Mistral families), or a
+               Qwen2-VL / Qwen2.5-VL for conditional generation
+    processor  its tokenizer (with a chat template), or for a vision-language model its processor
+               (a bare tokenizer there takes text-only demos and queries)
     The remaining arguments are the Settings fields (defaults reproduce ALGORITHM.md; see
     emloc.Settings); progress=True shows a progress bar over chunks on stderr.
     """
@@ -48,8 +52,10 @@ class EMLoC:
                                  method=method, keep_ratio=keep_ratio, backend=backend,
                                  layer_group=layer_group, batch_candidates=batch_candidates)
         self.model = model
-        self.adapter = DecoderAdapter(model)
-        self.renderer = ChatRenderer(processor)
+        vision_language = is_vision_language(model)
+        self.adapter = VisionLanguageAdapter(model) if vision_language else DecoderAdapter(model)
+        takes_media = vision_language and getattr(processor, "image_processor", None) is not None
+        self.renderer = ChatRenderer(processor, media=MediaPreparer(processor) if takes_media else None)
         self.tokenizer = self.renderer.tokenizer
         self.progress = progress
         self._fingerprint = {**self.adapter.fingerprint(), TOKENIZER_KEY: tokenizer_fingerprint(self.tokenizer)}
@@ -57,26 +63,52 @@ class EMLoC:
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
     # -- compression -------------------------------------------------------------------------
+    def _render_chunk(self, demos, c: int, system):
+        """Chunk c: its demos rendered as one chat (with `system` in chunk 0) and each demo
+        rendered alone (the probe rows); both share the demos' processed images/videos."""
+        size = self.settings.demos_per_chunk
+        group = [self.renderer.prepared(d, f"demo {c * size + i} input")
+                 for i, d in enumerate(demos[c * size:(c + 1) * size])]
+        chunk = self.renderer.demos(group, system=system if c == 0 else False)
+        return chunk, [self.renderer.demos([d], system=False) for d in group]
+
     def _chunks(self, demos, system):
         """Rendered chunks and, per chunk, each demo rendered alone (the probe rows)."""
-        size = self.settings.demos_per_chunk
-        groups = [demos[i:i + size] for i in range(0, len(demos), size)]
-        chunks = [self.renderer.demos(g, system=system if c == 0 else False) for c, g in enumerate(groups)]
-        probes = [[self.renderer.demos([d], system=False) for d in g] for g in groups]
-        return chunks, probes
+        n_chunks = -(-len(demos) // self.settings.demos_per_chunk)
+        rendered = [self._render_chunk(demos, c, system) for c in range(n_chunks)]
+        return [chunk for chunk, _ in rendered], [rows for _, rows in rendered]
+
+    def _check_fits(self, memory, chunk, rows, c: int) -> None:
+        """Raise EMLoCError if chunk c and its probe rows would run past the model's positions."""
+        a = self.adapter
+        end = memory.offset + int(a.relative_positions(chunk).max()) + 1
+        end += max(int(a.relative_positions(r).max()) + 1 for r in rows)
+        if end > a.max_positions:
+            raise EMLoCError(
+                f"chunk {c} would reach position {end} (with its probe), past the model's "
+                f"{a.max_positions} positions; use fewer or shorter demos")
 
     def compress(self, demos, system=None) -> TaskMemory:
-        """Compress `demos` chunk by chunk into a TaskMemory; `system` opens the first chunk."""
+        """Compress `demos` chunk by chunk into a TaskMemory; `system` opens the first chunk.
+
+        Chunks are rendered (and their images processed and encoded) one at a time, so memory
+        in use is bounded by a chunk plus the growing task memory.
+        """
         demos = _check_demos(demos)
         if system is not None and not isinstance(system, str):
             raise EMLoCError(f"system must be a string or None, got {type(system).__name__}")
-        chunks, probes = self._chunks(demos, system)
-        total = sum(len(c.ids) for c in chunks)
-        longest_probe = max(len(r.ids) for rows in probes for r in rows)
-        if total + longest_probe > self.adapter.max_positions:
-            raise EMLoCError(
-                f"the demonstrations take {total} tokens (+{longest_probe} for the probe), more than "
-                f"the model's {self.adapter.max_positions} positions; use fewer or shorter demos")
+        n_chunks = -(-len(demos) // self.settings.demos_per_chunk)
+        # with images, render (and process) one chunk at a time; text is cheap: check it all first
+        rendered = (self._render_chunk(demos, c, system) for c in range(n_chunks))
+        if self.renderer.media is None:
+            chunks, probes = self._chunks(demos, system)
+            rendered = zip(chunks, probes)
+            total = sum(len(c.ids) for c in chunks)
+            longest_probe = max(len(r.ids) for rows in probes for r in rows)
+            if total + longest_probe > self.adapter.max_positions:
+                raise EMLoCError(
+                    f"the demonstrations take {total} tokens (+{longest_probe} for the probe), more than "
+                    f"the model's {self.adapter.max_positions} positions; use fewer or shorter demos")
         a = self.adapter
         memory = TaskMemory([LayerMemory(a.n_kv_heads, a.head_dim, a.dtype, a.device) for _ in range(a.n_layers)],
                             offset=0, context_length=0, fingerprint=self._fingerprint,
@@ -85,9 +117,10 @@ class EMLoC:
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=len(chunks), desc="compressing", unit="chunk", file=sys.stderr)
+            bar = tqdm(total=n_chunks, desc="compressing", unit="chunk", file=sys.stderr)
         with a.emloc_attention():
-            for c, (chunk, rows) in enumerate(zip(chunks, probes)):
+            for c, (chunk, rows) in enumerate(rendered):
+                self._check_fits(memory, chunk, rows, c)
                 stats = worker.compress(memory, chunk, rows)
                 memory.stats.append({"chunk": c, **stats})
                 if bar is not None:
@@ -171,6 +204,9 @@ class EMLoC:
         """Model inputs for the uncompressed sequence: all chunks, then the query, as rendered here."""
         demos = _check_demos(demos)
         chunks, _ = self._chunks(demos, system)
-        ids = [t for c in chunks for t in c.ids] + self.renderer.query(query).ids
+        query = self.renderer.query(query)
+        ids = [t for c in chunks for t in c.ids] + query.ids
+        if isinstance(self.adapter, VisionLanguageAdapter):
+            return self.adapter.model_inputs(ids, [m for c in chunks for m in c.media] + query.media)
         ids_t = torch.tensor([ids], device=self.adapter.device)
         return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}

@@ -6,9 +6,11 @@ answer tokens, and the end-of-turn token that follows the answer text.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from .errors import EMLoCError
+from .media import KINDS
 
 _SYSTEM_SENTINEL = "\u2063emloc-system\u2063"
 
@@ -19,10 +21,12 @@ class RenderedSequence:
 
     ids    list[int]                 the tokens, as the model sees them
     spans  list[tuple[int, int]]     [start, end) token index of each demo's answer span
+    media  list[MediaItem]           images/videos in the order of their placeholder runs
     """
 
     ids: list
     spans: list
+    media: list = field(default_factory=list)
 
     @property
     def answer_mask(self) -> list:
@@ -33,29 +37,54 @@ class RenderedSequence:
         return mask
 
 
-def demo_text(content, where: str) -> str:
-    """The text of a demo's input or a query: a string, or text-only chat content parts."""
+def message_content(content, where: str, media=None):
+    """A demo's input or a query -> (content for the chat template, [MediaItem]).
+
+    content: a string, or chat content parts ({"type": "text", "text": ...}, and with a
+    MediaPreparer `media` also {"type": "image", "image": ...} / {"type": "video", "video": [...]}).
+    Text-only parts are joined into one string; parts with media stay parts, each image or video
+    replaced by its bare {"type": kind} placeholder part.
+    """
     if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or "type" not in part:
-                raise EMLoCError(f"{where}: content parts must be dicts with a 'type', got {part!r}")
-            if part["type"] != "text":
-                raise EMLoCError(f"{where}: a part of type {part['type']!r} needs a vision-language "
-                                 "model; this model takes text only")
-            texts.append(str(part.get("text", "")))
-        return "".join(texts)
-    raise EMLoCError(f"{where}: expected a string or a list of content parts, got {type(content).__name__}")
+        return content, []
+    if not isinstance(content, (list, tuple)):
+        raise EMLoCError(f"{where}: expected a string or a list of content parts, got {type(content).__name__}")
+    parts, items = [], []
+    for part in content:
+        if not isinstance(part, dict) or "type" not in part:
+            raise EMLoCError(f"{where}: content parts must be dicts with a 'type', got {part!r}")
+        kind = part["type"]
+        if kind == "text":
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+        elif kind in KINDS and media is not None:
+            items.append(media.prepare(part, where))
+            parts.append({"type": kind})
+        elif kind in KINDS:
+            raise EMLoCError(f"{where}: a part of type {kind!r} needs a vision-language model and its "
+                             "processor; this model takes text only")
+        else:
+            raise EMLoCError(f"{where}: unknown content part type {kind!r}; use 'text', 'image' or 'video'")
+    if not items:
+        return "".join(p["text"] for p in parts), []
+    return parts, items
 
 
 class ChatRenderer:
-    """Turns demos and queries into token ids with the tokenizer's own chat template."""
+    """Turns demos and queries into token ids with the tokenizer's own chat template.
 
-    def __init__(self, tokenizer):
-        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor wraps one
-        if not getattr(self.tokenizer, "chat_template", None):
+    processor  a tokenizer, or a processor that wraps one (its chat template is preferred)
+    media      a MediaPreparer for models that take images/videos, else None (text only)
+    """
+
+    def __init__(self, processor, media=None):
+        self.tokenizer = getattr(processor, "tokenizer", processor)  # a processor wraps one
+        self.media = media
+        self.chat_template = getattr(processor, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None)
+        if media is not None:
+            placeholders = "|".join(re.escape(t) for t in media.tokens.values())
+            self._placeholder = re.compile(f"({placeholders})")
+        if not self.chat_template:
             raise EMLoCError(
                 "the tokenizer has no chat template; emloc renders demonstrations with it. Set "
                 "tokenizer.chat_template to a Jinja template (for example the one of the instruct "
@@ -68,7 +97,8 @@ class ChatRenderer:
     def _template(self, messages, generation_prompt: bool) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt)
+                messages, tokenize=False, add_generation_prompt=generation_prompt,
+                chat_template=self.chat_template)
         except Exception as exc:  # jinja raises its own errors for templates that reject input
             raise EMLoCError(f"the chat template could not render the conversation: {exc}") from exc
 
@@ -99,21 +129,45 @@ class ChatRenderer:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
+    def _expand(self, text: str, items: list, where: str, whole: bool = True) -> str:
+        """Repeat the k-th media placeholder of `text` items[k].n_tokens times. whole=True: the
+        text must hold exactly one placeholder per item, of the item's kind."""
+        if not items:
+            if self.media is not None and self._placeholder.search(text):
+                raise EMLoCError(f"{where}: the text contains an image/video placeholder token but "
+                                 "no image or video part goes with it")
+            return text
+        pieces, cursor, k = [], 0, 0
+        for match in self._placeholder.finditer(text):
+            if k == len(items) or match.group(0) != self.media.tokens[items[k].kind]:
+                k = -1
+                break
+            pieces += [text[cursor:match.start()], match.group(0) * items[k].n_tokens]
+            cursor, k = match.end(), k + 1
+        if k < 0 or (whole and k != len(items)):
+            raise EMLoCError(f"{where}: the rendered chat's image/video placeholders do not match the "
+                             f"{len(items)} image/video parts given (does a text part contain a "
+                             "placeholder token, or does the chat template drop a part?)")
+        return "".join(pieces) + text[cursor:]
+
     # -- public ---------------------------------------------------------------------------
     def demos(self, demos, system=False) -> RenderedSequence:
         """One chat sequence of user/assistant turns (no generation prompt).
 
         system: a string, None (the template's default system message) or False (none).
         """
-        messages = []
+        messages, media = [], []
         for i, demo in enumerate(demos):
-            messages.append({"role": "user", "content": demo_text(demo["input"], f"demo {i} input")})
+            content, items = message_content(demo["input"], f"demo {i} input", self.media)
+            messages.append({"role": "user", "content": content})
             messages.append({"role": "assistant", "content": demo["output"]})
-        text = self._render(messages, system, False)
+            media += items
+        text = self._expand(self._render(messages, system, False), media, "demos")
         ids, offsets = self._tokenize(text)
         spans, cursor = [], 0
         for k in range(len(demos)):
-            prefix = self._render(messages[:2 * k + 1], system, True)
+            prefix = self._expand(self._render(messages[:2 * k + 1], system, True), media, "demos",
+                                  whole=False)
             answer = messages[2 * k + 1]["content"]
             search_from = len(prefix) if text.startswith(prefix) else cursor
             start = text.find(answer, search_from)
@@ -124,7 +178,7 @@ class ChatRenderer:
                 raise EMLoCError(f"could not find the answer of demo {k} in the rendered chat")
             spans.append(self._span(offsets, start, start + len(answer), k))
             cursor = start + len(answer)
-        return RenderedSequence(ids, spans)
+        return RenderedSequence(ids, spans, media)
 
     @staticmethod
     def _span(offsets, a_start: int, a_end: int, k: int) -> tuple:
@@ -136,8 +190,18 @@ class ChatRenderer:
 
     def query(self, content) -> RenderedSequence:
         """A query (no answer spans): no system message, with the generation prompt."""
-        text = self._render([{"role": "user", "content": demo_text(content, "query")}], False, True)
-        return RenderedSequence(self._tokenize(text)[0], [])
+        content, media = message_content(content, "query", self.media)
+        text = self._expand(self._render([{"role": "user", "content": content}], False, True), media, "query")
+        return RenderedSequence(self._tokenize(text)[0], [], media)
+
+    def prepared(self, demo: dict, where: str) -> dict:
+        """The demo with its image/video parts replaced by MediaItems (processed once, so that
+        every rendering of the demo shares them)."""
+        if self.media is None or not isinstance(demo["input"], (list, tuple)):
+            return demo
+        parts = [{"type": p["type"], p["type"]: self.media.prepare(p, where)}
+                 if isinstance(p, dict) and p.get("type") in KINDS else p for p in demo["input"]]
+        return {**demo, "input": parts}
 
     def text_ids(self, text: str) -> list:
         """Plain token ids of a continuation string (no template, no special tokens)."""
