@@ -147,3 +147,42 @@ def test_help_documents_exit_codes(capsys):
     for command in ("compress", "answer", "inspect"):
         code, out, _ = run(capsys, [command, "--help"])
         assert code == 0 and "exit codes:" in out and "example" in out
+
+
+# -- a vision-language model: images referenced by paths relative to the JSONL ----------------
+def test_vision_language_compress_inspect_answer(tmp_path, capsys, monkeypatch):
+    """compress -> inspect -> answer with image demos and queries on a tiny Qwen2-VL (the
+    processor is built in code: the loader is replaced, everything else is the real CLI)."""
+    import emloc.models
+    from tiny_vl_models import tiny_images, tiny_vl_model, tiny_vl_processor
+
+    model, processor = tiny_vl_model("qwen2_vl", std=0.2), tiny_vl_processor("qwen2_vl")
+    monkeypatch.setattr(emloc.models, "load_model", lambda path=None: (model, processor))
+    (tmp_path / "img").mkdir()
+    images = tiny_images(((56, 56), (84, 56), (56, 84), (112, 56), (56, 56)), seed=3)
+    for i, image in enumerate(images):
+        image.save(tmp_path / "img" / f"{i}.png")
+    demos = [{"input": [{"type": "image", "image": f"img/{i}.png"}, {"type": "text", "text": f"shape {i}?"}],
+              "output": ["round", "square"][i % 2]} for i in range(4)]
+    queries = [{"input": [{"type": "image", "image": "img/4.png"}, {"type": "text", "text": "shape?"}], "id": 7}]
+    memory_path = str(tmp_path / "task.emloc")
+    assert main(["compress", "--demos", write_jsonl(tmp_path / "demos.jsonl", demos), "--out", memory_path,
+                 "--demos-per-chunk", "2", "--quiet"]) == 0
+    memory = emloc.TaskMemory.load(memory_path, model)
+    image_tokens = sum(chunk["image_tokens"] for chunk in memory.stats)
+    assert image_tokens == sum(w * h // 784 for w, h in ((56, 56), (84, 56), (56, 84), (112, 56)))
+
+    code, out, _ = run(capsys, ["inspect", memory_path])
+    assert code == 0 and f"context image tokens: {image_tokens}" in out and "kept image" in out
+
+    comp = emloc.EMLoC(model, processor, progress=False)
+    query = [{"type": "image", "image": images[4]}, {"type": "text", "text": "shape?"}]
+    expected = comp.generate(memory, query, max_new_tokens=4)
+    code, out, _ = run(capsys, ["answer", "--memory", memory_path, "--queries",
+                                write_jsonl(tmp_path / "queries.jsonl", queries), "--max-new-tokens", "4", "--quiet"])
+    assert code == 0 and [json.loads(line) for line in out.splitlines()] == [{**queries[0], "answer": expected}]
+    code, out, _ = run(capsys, ["answer", "--memory", memory_path, "--query", "shape?", "--image",
+                                str(tmp_path / "img" / "4.png"), "--max-new-tokens", "4"])
+    assert code == 0 and out == expected + "\n"
+    one_line_error(capsys, ["answer", "--memory", memory_path, "--query", "shape?", "--image",
+                            str(tmp_path / "img" / "missing.png")], "no image file")

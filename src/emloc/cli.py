@@ -71,6 +71,24 @@ def _read_jsonl(path, what: str) -> list:
     return rows
 
 
+def _media_paths(content, folder: Path):
+    """Content parts with image/video file paths made relative to `folder` (the JSONL's)."""
+    if not isinstance(content, list):
+        return content
+
+    def resolve(value):
+        return str(folder / value) if isinstance(value, str) else value
+
+    parts = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "image":
+            part = {**part, "image": resolve(part.get("image"))}
+        elif isinstance(part, dict) and part.get("type") == "video" and isinstance(part.get("video"), list):
+            part = {**part, "video": [resolve(frame) for frame in part["video"]]}
+        parts.append(part)
+    return parts
+
+
 def _positive(name: str, value) -> None:
     if value < 1:
         raise EMLoCError(f"{name} must be >= 1, got {value}")
@@ -88,7 +106,8 @@ def cmd_demo(args) -> int:
 def cmd_compress(args) -> int:
     from .compressor import EMLoC
     from .models import load_model
-    demos = _read_jsonl(args.demos, "demos")
+    demos = [{**row, "input": _media_paths(row["input"], Path(args.demos).parent)}
+             for row in _read_jsonl(args.demos, "demos")]
     model, tokenizer = load_model(args.model)
     comp = EMLoC(model, tokenizer, tolerance=args.tolerance, ratios=tuple(args.ratios),
                  demos_per_chunk=args.demos_per_chunk, method=args.method, keep_ratio=args.keep_ratio,
@@ -108,6 +127,8 @@ def cmd_answer(args) -> int:
     from .models import load_model
     if (args.query is None) == (args.queries is None):
         raise EMLoCError("give exactly one of --query TEXT or --queries FILE.jsonl")
+    if args.image and args.query is None:
+        raise EMLoCError("--image goes with --query; in --queries JSONL put images in the input's content parts")
     _positive("--batch-size", args.batch_size)
     _positive("--max-new-tokens", args.max_new_tokens)
     read_header(args.memory)  # a bad memory file fails before the model is loaded
@@ -122,7 +143,10 @@ def cmd_answer(args) -> int:
     memory = TaskMemory.load(args.memory, model)
     comp = EMLoC(model, tokenizer, backend=args.backend, progress=False)
     if rows is None:
-        print(comp.generate(memory, args.query, max_new_tokens=args.max_new_tokens, **sampling))
+        query = args.query
+        if args.image:
+            query = [{"type": "image", "image": image} for image in args.image] + [{"type": "text", "text": query}]
+        print(comp.generate(memory, query, max_new_tokens=args.max_new_tokens, **sampling))
         return EXIT_OK
     from tqdm.auto import tqdm
     try:
@@ -134,7 +158,8 @@ def cmd_answer(args) -> int:
         with bar:
             for start in range(0, len(rows), args.batch_size):
                 batch = rows[start:start + args.batch_size]
-                answers = comp.generate(memory, [r["input"] for r in batch],
+                answers = comp.generate(memory, [_media_paths(r["input"], Path(args.queries).parent)
+                                                 for r in batch],
                                         max_new_tokens=args.max_new_tokens, **sampling)
                 for row, answer in zip(batch, answers):
                     out.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
@@ -166,9 +191,20 @@ def cmd_inspect(args) -> int:
     print(f"context tokens: {context}, chunks: {len(stats)}, kept per layer min/mean/max: "
           f"{min(per_layer, default=0)}/{mean:.1f}/{max(per_layer, default=0)}, "
           f"compression ratio: {context / mean if mean else float('inf'):.2f}x")
-    print(f"\n{'layer':>5} {'kept':>7} {'fraction':>9}")
+    media = [kind for kind in ("image", "video") if any(chunk.get(f"{kind}_tokens") for chunk in stats)]
+    context_media = {kind: sum(chunk.get(f"{kind}_tokens", 0) for chunk in stats) for kind in media}
+    if media:
+        print("context " + ", ".join(f"{kind} tokens: {context_media[kind]}" for kind in media) +
+              f", text tokens: {context - sum(context_media.values())}")
+    header_line = f"\n{'layer':>5} {'kept':>7} {'fraction':>9}"
+    header_line += "".join(f" {'kept ' + kind:>11} {kind + ' frac':>11}" for kind in media)
+    print(header_line + (f" {'kept text':>11}" if media else ""))
     for l, k in enumerate(per_layer):
-        print(f"{l:>5} {k:>7} {k / max(1, context):>9.3f}")
+        line = f"{l:>5} {k:>7} {k / max(1, context):>9.3f}"
+        kept_media = {kind: sum(chunk["layers"][l].get(f"kept_{kind}", 0) for chunk in stats) for kind in media}
+        for kind in media:
+            line += f" {kept_media[kind]:>11.1f} {kept_media[kind] / max(1, context_media[kind]):>11.3f}"
+        print(line + (f" {k - sum(kept_media.values()):>11.1f}" if media else ""))
     print(f"\n{'chunk':>5} {'tokens':>7} {'kept':>7} {'max JS':>9} {'seconds':>8}")
     for c, chunk in enumerate(stats):
         js = [d["js"] for d in chunk["layers"] if d.get("js") is not None]
@@ -263,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                 "Compress demonstrations into a task memory file (safetensors, written atomically).\n\n"
                 "demos.jsonl holds one demonstration per line:\n"
                 '  {"input": "great movie!", "output": "positive"}\n'
+                "With a vision-language model (Qwen2-VL, Qwen2.5-VL) an input may be content parts,\n"
+                "image paths relative to the JSONL file:\n"
+                '  {"input": [{"type": "image", "image": "img/cat.png"}, {"type": "text", "text": "Animal?"}],\n'
+                '   "output": "cat"}\n'
                 "They are rendered with the model's chat template, --demos-per-chunk at a time, and\n"
                 "pruned layer by layer while the answers' distributions stay within --tolerance.\n\n"
                 "example:\n  emloc compress --demos demos.jsonl --out task.emloc "
@@ -299,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "  emloc answer --memory task.emloc --queries queries.jsonl --out answers.jsonl")
     a.add_argument("--memory", required=True, metavar="FILE", help="memory file from `emloc compress`")
     a.add_argument("--query", default=None, metavar="TEXT", help="one query; its answer is printed")
+    a.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="an image shown before --query's text (repeatable; vision-language models)")
     a.add_argument("--queries", default=None, metavar="FILE.jsonl",
                    help='JSONL with an "input" per line; answers as JSONL')
     a.add_argument("--out", default=None, metavar="FILE.jsonl",

@@ -11,10 +11,9 @@ from .errors import EMLoCError
 from .memory import (TOKENIZER_KEY, LayerMemory, TaskMemory, fingerprint_diff, model_part,
                      tokenizer_fingerprint)
 from .media import MediaPreparer
-from .model_adapter import DecoderAdapter
 from .rendering import ChatRenderer
 from .settings import Settings
-from .vision_language import VisionLanguageAdapter, is_vision_language
+from .vision_language import VisionLanguageAdapter, adapter_for
 
 
 def _check_demos(demos) -> list:
@@ -52,9 +51,9 @@ class EMLoC:
                                  method=method, keep_ratio=keep_ratio, backend=backend,
                                  layer_group=layer_group, batch_candidates=batch_candidates)
         self.model = model
-        vision_language = is_vision_language(model)
-        self.adapter = VisionLanguageAdapter(model) if vision_language else DecoderAdapter(model)
-        takes_media = vision_language and getattr(processor, "image_processor", None) is not None
+        self.adapter = adapter_for(model)
+        takes_media = (isinstance(self.adapter, VisionLanguageAdapter)
+                       and getattr(processor, "image_processor", None) is not None)
         self.renderer = ChatRenderer(processor, media=MediaPreparer(processor) if takes_media else None)
         self.tokenizer = self.renderer.tokenizer
         self.progress = progress

@@ -229,9 +229,9 @@ class TaskMemory:
     def load(cls, path, model) -> "TaskMemory":
         """Read a memory saved by `save` for `model`, each layer onto the device its decoder layer
         runs on; raises EMLoCError if the file is damaged, of another version or another model."""
-        from .model_adapter import DecoderAdapter
+        from .vision_language import adapter_for
 
-        adapter = DecoderAdapter(model)
+        adapter = adapter_for(model)
         header, tensors = _read(path, with_tensors=True)
         stored = header["fingerprint"]
         diff = fingerprint_diff(model_part(stored), adapter.fingerprint())

@@ -22,6 +22,12 @@ def is_vision_language(model) -> bool:
     return all(hasattr(inner, name) for name in ("visual", "get_rope_index", "get_image_features"))
 
 
+def adapter_for(model) -> DecoderAdapter:
+    """The adapter that drives `model`: VisionLanguageAdapter for Qwen2-VL-style models, else
+    DecoderAdapter."""
+    return VisionLanguageAdapter(model) if is_vision_language(model) else DecoderAdapter(model)
+
+
 class VisionLanguageAdapter(DecoderAdapter):
     """DecoderAdapter for Qwen2-VL-style models (see module doc).
 
