@@ -96,6 +96,8 @@ class EMLoC:
         demos = _check_demos(demos)
         if system is not None and not isinstance(system, str):
             raise EMLoCError(f"system must be a string or None, got {type(system).__name__}")
+        for i, demo in enumerate(demos):  # fail before any work on a demo that cannot be rendered
+            self.renderer.check(demo["input"], f"demo {i} input")
         n_chunks = -(-len(demos) // self.settings.demos_per_chunk)
         # with images, render (and process) one chunk at a time; text is cheap: check it all first
         rendered = (self._render_chunk(demos, c, system) for c in range(n_chunks))

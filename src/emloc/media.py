@@ -50,8 +50,10 @@ class MediaPreparer:
                        "video": getattr(processor, "video_token", "<|video_pad|>")}
         self.can_video = getattr(processor, "video_processor", None) is not None
 
-    def prepare(self, part: dict, where: str) -> MediaItem:
-        """A content part of type "image" or "video" -> MediaItem (raises EMLoCError if unusable)."""
+    def check(self, part: dict, where: str, load: bool = True):
+        """The part's image (opened if a path; load=False: only checked to exist) or video frames,
+        checked without processing them: an entry is present, files exist, videos are non-empty
+        lists and the processor takes videos."""
         kind = part["type"]
         value = part.get(kind)
         if isinstance(value, MediaItem):
@@ -62,11 +64,17 @@ class MediaPreparer:
         if kind == "video" and not self.can_video:
             raise EMLoCError(f"{where}: this processor has no video processor; the model cannot take videos")
         if kind == "image":
-            value = _open_image(value, where)
-        elif not isinstance(value, (list, tuple)) or not value:
+            return _open_image(value, where, load)
+        if not isinstance(value, (list, tuple)) or not value:
             raise EMLoCError(f"{where}: a video must be a non-empty list of frames (images)")
-        else:
-            value = [_open_image(frame, f"{where}, video frame {i}") for i, frame in enumerate(value)]
+        return [_open_image(frame, f"{where}, video frame {i}", load) for i, frame in enumerate(value)]
+
+    def prepare(self, part: dict, where: str) -> MediaItem:
+        """A content part of type "image" or "video" -> MediaItem (raises EMLoCError if unusable)."""
+        value = self.check(part, where)
+        if isinstance(value, MediaItem):
+            return value
+        kind = part["type"]
         token = self.tokens[kind]
         try:
             out = self.processor(text=[token], **{f"{kind}s": [value]}, return_tensors="pt")
@@ -80,14 +88,17 @@ class MediaPreparer:
                          None if seconds is None else float(seconds[0]))
 
 
-def _open_image(value, where: str):
-    """A PIL image, array or tensor as given; a path (str or Path) is opened with PIL."""
+def _open_image(value, where: str, load: bool = True):
+    """A PIL image, array or tensor as given; a path (str or Path) is opened with PIL (load=False:
+    only checked to be a file)."""
     if isinstance(value, (str, Path)):
         from PIL import Image
 
         path = Path(value)
         if not path.is_file():
             raise EMLoCError(f"{where}: no image file at {path}")
+        if not load:
+            return value
         try:
             with Image.open(path) as image:
                 return image.convert("RGB")

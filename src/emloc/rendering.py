@@ -37,15 +37,17 @@ class RenderedSequence:
         return mask
 
 
-def message_content(content, where: str, media=None):
+def message_content(content, where: str, media=None, prepare: bool = True):
     """A demo's input or a query -> (content for the chat template, [MediaItem]).
 
     content: a string, or chat content parts ({"type": "text", "text": ...}, and with a
     MediaPreparer `media` also {"type": "image", "image": ...} / {"type": "video", "video": [...]}).
     Text-only parts are joined into one string; parts with media stay parts, each image or video
-    replaced by its bare {"type": kind} placeholder part.
+    replaced by its bare {"type": kind} placeholder part. prepare=False only checks the parts
+    (no image is processed; the returned items are None).
     """
     if isinstance(content, str):
+        _check_no_placeholder(content, where, media)
         return content, []
     if not isinstance(content, (list, tuple)):
         raise EMLoCError(f"{where}: expected a string or a list of content parts, got {type(content).__name__}")
@@ -56,17 +58,35 @@ def message_content(content, where: str, media=None):
         kind = part["type"]
         if kind == "text":
             parts.append({"type": "text", "text": str(part.get("text", ""))})
+            _check_no_placeholder(parts[-1]["text"], where, media)
         elif kind in KINDS and media is not None:
-            items.append(media.prepare(part, where))
+            if prepare:
+                items.append(media.prepare(part, where))
+            else:
+                media.check(part, where, load=False)
+                items.append(None)
             parts.append({"type": kind})
         elif kind in KINDS:
-            raise EMLoCError(f"{where}: a part of type {kind!r} needs a vision-language model and its "
-                             "processor; this model takes text only")
+            raise EMLoCError(f"{where}: a part of type {kind!r} needs a vision-language model (Qwen2-VL, "
+                             "Qwen2.5-VL) given with its processor (AutoProcessor), not only its tokenizer; "
+                             "with the model and tokenizer given, emloc takes text only")
         else:
             raise EMLoCError(f"{where}: unknown content part type {kind!r}; use 'text', 'image' or 'video'")
     if not items:
         return "".join(p["text"] for p in parts), []
     return parts, items
+
+
+def _check_no_placeholder(text: str, where: str, media) -> None:
+    """Raise EMLoCError if `text` holds an image/video placeholder token of a model that takes
+    media (it would be read as an image/video without one to go with it)."""
+    if media is None:
+        return
+    for kind, token in media.tokens.items():
+        if token in text:
+            raise EMLoCError(f"{where}: the text contains the {kind} placeholder token {token!r}; give each "
+                             f"{kind} as a content part {{'type': {kind!r}, {kind!r}: ...}} and leave the "
+                             "placeholder out of the text (the chat template inserts it)")
 
 
 class ChatRenderer:
@@ -196,12 +216,19 @@ class ChatRenderer:
 
     def prepared(self, demo: dict, where: str) -> dict:
         """The demo with its image/video parts replaced by MediaItems (processed once, so that
-        every rendering of the demo shares them)."""
-        if self.media is None or not isinstance(demo["input"], (list, tuple)):
-            return demo
-        parts = [{"type": p["type"], p["type"]: self.media.prepare(p, where)}
-                 if isinstance(p, dict) and p.get("type") in KINDS else p for p in demo["input"]]
-        return {**demo, "input": parts}
+        every rendering of the demo shares them); its input is checked here, so that errors name
+        the demo as `where` does (demos() only knows its position within a chunk)."""
+        if self.media is not None and isinstance(demo["input"], (list, tuple)):
+            parts = [{"type": p["type"], p["type"]: self.media.prepare(p, where)}
+                     if isinstance(p, dict) and p.get("type") in KINDS else p for p in demo["input"]]
+            demo = {**demo, "input": parts}
+        message_content(demo["input"], where, self.media)
+        return demo
+
+    def check(self, content, where: str) -> None:
+        """Raise EMLoCError for a demo input or query that cannot be rendered, without processing
+        its images (cheap: run over every demo before compressing)."""
+        message_content(content, where, self.media, prepare=False)
 
     def text_ids(self, text: str) -> list:
         """Plain token ids of a continuation string (no template, no special tokens)."""
