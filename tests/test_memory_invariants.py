@@ -108,3 +108,31 @@ def test_memory_from_another_model_is_refused_when_answering(compressed):
     other = emloc.EMLoC(tiny_model("llama", n_layers=3, std=0.2, seed=9), chat_tokenizer(), progress=False)
     with pytest.raises(emloc.EMLoCError, match="another model"):
         other.generate(memory, "q")
+
+
+def test_layer_buffer_appends_grow_and_trim():
+    """Appends of chunks land in order (per head its chosen rows), the buffer keeps at most
+    GROWTH x the rows in use, and trim leaves exactly the rows in use."""
+    from emloc.memory import LayerMemory
+
+    g = torch.Generator().manual_seed(0)
+    layer, expected_k, expected_v = LayerMemory(2, 8, torch.float32, torch.device("cpu")), [], []
+    for chunk in range(12):
+        length = 5 + chunk % 4
+        k, v = torch.randn(2, length, 8, generator=g), torch.randn(2, length, 8, generator=g)
+        index = torch.stack([torch.randperm(length, generator=g)[:3].sort().values for _ in range(2)])
+        layer.append(k, v, index, backend="torch")
+        expected_k.append(torch.stack([k[h, index[h]] for h in range(2)]))
+        expected_v.append(torch.stack([v[h, index[h]] for h in range(2)]))
+        assert layer._k.shape[1] <= max(3 * (chunk + 1), int(LayerMemory.GROWTH * 3 * chunk) + 3)
+    assert torch.equal(layer.keys, torch.cat(expected_k, dim=1))
+    assert torch.equal(layer.values, torch.cat(expected_v, dim=1))
+    layer.trim()
+    assert layer._k.shape[1] == layer._v.shape[1] == layer.length == 36
+    assert torch.equal(layer.keys, torch.cat(expected_k, dim=1))
+
+
+def test_compressed_memory_holds_no_unused_rows(compressed):
+    _, memory = compressed
+    for layer in memory.layers:
+        assert layer.keys.untyped_storage().nbytes() == layer.keys.numel() * layer.keys.element_size()

@@ -129,6 +129,8 @@ class EMLoC:
                     bar.set_postfix(kept=f"{sum(memory.layer_lengths) / a.n_layers:.0f}/{memory.context_length}")
         if bar is not None:
             bar.close()
+        for layer in memory.layers:
+            layer.trim()
         return memory
 
     # -- answering ---------------------------------------------------------------------------

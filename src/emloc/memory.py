@@ -93,9 +93,12 @@ def _read(path, with_tensors: bool):
 class LayerMemory:
     """One layer's kept tokens: keys/values in a growable buffer [Hkv, capacity, D].
 
-    Rows [0, length) are in use; appends write only the new rows (the buffer grows
-    geometrically, so existing rows are copied O(log n) times in total).
+    Rows [0, length) are in use; appends write only the new rows. The buffer grows by
+    GROWTH (amortised O(1) copies per row, at most 25% unused rows); `trim` drops the unused
+    rows when compression ends.
     """
+
+    GROWTH = 1.25
 
     def __init__(self, n_kv_heads, head_dim, dtype, device):
         """An empty layer memory on `device` (the device of the decoder layer it serves)."""
@@ -114,7 +117,7 @@ class LayerMemory:
     def _reserve(self, rows: int) -> None:
         if rows <= self._k.shape[1]:
             return
-        capacity = max(rows, 2 * self._k.shape[1])
+        capacity = max(rows, int(self.GROWTH * self._k.shape[1]))
         new_k = self._k.new_empty(self._k.shape[0], capacity, self._k.shape[2])
         new_v = torch.empty_like(new_k)
         new_k[:, :self.length] = self.keys
@@ -125,6 +128,11 @@ class LayerMemory:
         """Append src rows [Hkv, Lc, D] chosen per head by index [Hkv, k] (position order)."""
         self._reserve(self.length + index.shape[1])
         self.length = gather_append(self._k, self._v, self.length, src_k, src_v, index, backend=backend)
+
+    def trim(self) -> None:
+        """Release the unused rows of the buffer (one copy of the used rows if there are any)."""
+        if self._k.shape[1] > self.length:
+            self._k, self._v = self.keys.clone(), self.values.clone()
 
     def set(self, keys, values) -> None:
         """Replace the content with keys/values [Hkv, M, D] (used when loading)."""
@@ -141,7 +149,8 @@ class TaskMemory:
     """Per-layer KV memory compressed from demonstrations; never changed by answering.
 
     layers          list[LayerMemory], one per decoder layer (lengths differ between layers)
-    offset          position at which queries start (tokens of the uncompressed context)
+    offset          position at which queries start: the positions the uncompressed context
+                    takes (its token count for plain RoPE; fewer with M-RoPE images)
     context_length  tokens of the uncompressed demonstration context
     fingerprint     identifies the model (DecoderAdapter.fingerprint) and, under "tokenizer",
                     the tokenizer (tokenizer_fingerprint); load checks the model part, EMLoC both
