@@ -49,7 +49,8 @@ class DecoderAdapter:
         config = getattr(model, "config", None)
         if config is None or getattr(config, "is_encoder_decoder", False):
             raise EMLoCError(f"unsupported model {type(model).__name__}: emloc needs a decoder-only "
-                             "transformers causal LM (Llama, Qwen2/3, Mistral families)")
+                             "transformers causal LM (Llama, Qwen2/3, Mistral families) or "
+                             "Qwen2-VL / Qwen2.5-VL")
         self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
         try:
             decoder = model.get_decoder()
