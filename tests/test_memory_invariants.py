@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import emloc
-from tiny_models import chat_tokenizer, tiny_model
+from tiny_models import chat_tokenizer, tiny_compressed, tiny_model
 
 DEMOS = [{"input": f"review {i}: the movie was {'great' if i % 2 else 'terrible'}",
           "output": "positive" if i % 2 else "negative"} for i in range(6)]
@@ -12,9 +12,7 @@ QUERIES = ["the plot was boring", "wonderful actors", "what is the capital of fr
 
 @pytest.fixture(scope="module")
 def compressed():
-    model = tiny_model("llama", n_layers=3, std=0.2, seed=7)
-    comp = emloc.EMLoC(model, chat_tokenizer(), demos_per_chunk=4, progress=False)
-    return comp, comp.compress(DEMOS, system="Classify.")
+    return tiny_compressed(DEMOS)
 
 
 def snapshot(memory):

@@ -445,6 +445,21 @@ def test_cheap_checks_fail_before_any_chunk_is_compressed(monkeypatch):
     assert calls == []
 
 
+def test_demos_past_the_model_positions_are_refused():
+    """The chunk's own positions and its probe rows' are checked against max_position_embeddings."""
+    processor = vl("qwen2_vl")[1]
+    demos = DEMOS[:2]
+    big = tiny_vl_model("qwen2_vl", std=0.2, seed=0)
+    chunk_end = emloc.EMLoC(big, processor, method="full", progress=False).compress(demos).offset
+    for max_positions, method, message in ((chunk_end - 1, "full", "the chunk would reach"),
+                                           (chunk_end, "emloc", "the chunk's probe rows would reach")):
+        model = tiny_vl_model("qwen2_vl", std=0.2, seed=0, max_positions=max_positions)
+        with pytest.raises(emloc.EMLoCError, match=f"{message}.*past the model's {max_positions} positions"):
+            emloc.EMLoC(model, processor, method=method, progress=False).compress(demos)
+    model = tiny_vl_model("qwen2_vl", std=0.2, seed=0, max_positions=chunk_end)
+    assert emloc.EMLoC(model, processor, method="full", progress=False).compress(demos).offset == chunk_end
+
+
 def test_placeholder_in_an_answer_is_refused():
     model, processor = vl("qwen2_vl")
     comp = emloc.EMLoC(model, processor, method="full", progress=False)

@@ -11,7 +11,7 @@ import emloc
 import emloc.attention
 from emloc.answering import Sampler, generate_batch
 from emloc.model_adapter import DecoderAdapter
-from tiny_models import CHATML_TEMPLATE, chat_tokenizer, tiny_model
+from tiny_models import CHATML_TEMPLATE, chat_tokenizer, tiny_compressed
 
 DEMOS = [{"input": f"review {i}: the movie was {'great' if i % 3 else 'terrible'}",
           "output": "positive" if i % 3 else "negative"} for i in range(8)]
@@ -22,9 +22,7 @@ QUERIES = [f"{adj} {noun} number {i}" for i, (adj, noun) in enumerate(
 
 @pytest.fixture(scope="module")
 def compressed():
-    model = tiny_model("llama", n_layers=3, std=0.2, seed=7)
-    comp = emloc.EMLoC(model, chat_tokenizer(), demos_per_chunk=4, progress=False)
-    return comp, comp.compress(DEMOS, system="Classify.")
+    return tiny_compressed(DEMOS)
 
 
 def snapshot(memory):

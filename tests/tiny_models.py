@@ -55,3 +55,13 @@ def tiny_model(family="llama", n_heads=4, n_kv_heads=2, n_layers=3, hidden=64, h
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     return model
+
+
+def tiny_compressed(demos, system="Classify."):
+    """(EMLoC, TaskMemory): `demos` compressed in chunks of 4 on a 3-layer tiny Llama (std 0.2,
+    seed 7) with the chat tokenizer; the shared fixture of the serving and invariant tests."""
+    import emloc
+
+    comp = emloc.EMLoC(tiny_model("llama", n_layers=3, std=0.2, seed=7), chat_tokenizer(),
+                       demos_per_chunk=4, progress=False)
+    return comp, comp.compress(demos, system=system)

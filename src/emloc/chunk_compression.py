@@ -12,7 +12,9 @@ import torch
 from emloc_kernels import TeacherJS, rank_tokens
 
 from .attention import CandidateProbePlan, PrefixPlan, ProbePlan
+from .errors import EMLoCError
 from .rendering import RenderedSequence
+from .vision_language import TOKEN_TYPES
 
 
 def gather_rows(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):
@@ -82,18 +84,20 @@ class ChunkCompressor:
         # the next chunk continues after the chunk's last token (a text token: the end of a turn);
         # this is where the full sequence's own position ids put it, M-RoPE included
         next_offset = memory.offset + int(chunk_positions[:, -1].max()) + 1
+        self._check_fits(memory.offset + int(chunk_positions.max()) + 1, "the chunk")
         # per layer: (index [Hkv, k] or None = keep all, ratio, JS of the accepted test, tests run)
         if s.method == "full" or (s.method == "emloc" and s.tolerance == 0):
             decisions = [(None, 1.0, None, 0)] * a.n_layers
         else:
             probe = ProbeBatch(probe_rows, next_offset, self.pad_id, a)
+            self._check_fits(int(probe.positions[:, probe.valid].max()) + 1, "the chunk's probe rows")
             protected = torch.tensor(chunk.answer_mask, device=a.device)
             layer_inputs, scores, teacher = self._probe(memory, chunk_kv, probe)
             if s.method == "emloc":
                 decisions = self._search(memory, chunk_kv, probe, protected, layer_inputs, scores, teacher)
             else:
                 decisions = self._fixed_schedule(chunk_len, protected, scores)
-        modality = self._modality(chunk)
+        modality = a.token_types(torch.tensor(chunk.ids))  # None for text models
         layer_stats = []
         for l, (index, ratio, js, tests) in enumerate(decisions):
             keys, values = chunk_kv[l]
@@ -105,20 +109,21 @@ class ChunkCompressor:
             if modality is not None:  # kept media tokens, averaged over KV heads
                 kept = modality.to(index.device)[index]
                 layer_stats[-1].update({f"kept_{kind}": float((kept == code).sum()) / a.n_kv_heads
-                                        for kind, code in (("image", 1), ("video", 2))})
+                                        for kind, code in TOKEN_TYPES.items()})
         positions_used = next_offset - memory.offset
         memory.offset = next_offset
         memory.context_length += chunk_len
         stats = {"tokens": chunk_len, "positions": positions_used, "demos": len(probe_rows),
                  "seconds": time.perf_counter() - t0, "layers": layer_stats}
         if modality is not None:
-            stats.update(image_tokens=int((modality == 1).sum()), video_tokens=int((modality == 2).sum()))
+            stats.update({f"{kind}_tokens": int((modality == code).sum()) for kind, code in TOKEN_TYPES.items()})
         return stats
 
-    def _modality(self, chunk: RenderedSequence):
-        """[Lc] token types of the chunk (0 text, 1 image, 2 video) for models that take media, else None."""
-        token_types = getattr(self.adapter, "token_types", None)
-        return None if token_types is None else token_types(torch.tensor(chunk.ids))
+    def _check_fits(self, end: int, what: str) -> None:
+        """Raise EMLoCError if positions up to `end` (exclusive) run past the model's positions."""
+        if end > self.adapter.max_positions:
+            raise EMLoCError(f"{what} would reach position {end}, past the model's "
+                             f"{self.adapter.max_positions} positions; use fewer or shorter demos")
 
     # -- step 1: chunk prefill --------------------------------------------------------------
     def _prefill(self, memory, chunk: RenderedSequence, chunk_positions) -> list:
@@ -197,7 +202,7 @@ class ChunkCompressor:
         plan = ProbePlan(memory.kv(), segments, probe.valid, probe.observer, backend=self.backend)
         out = a.run_layers(layer_input, probe.positions, self._rotary, start, a.n_layers, plan)
         student = a.final_norm(out)[probe.observer]
-        return max(0.0, float(teacher_js(student).mean()))
+        return float(teacher_js(student).mean())  # rows are clamped at 0
 
     def _test_batched(self, memory, chunk_kv, probe, layer_input, group, indices, kept_segments,
                       teacher_js, n_trials):
@@ -211,7 +216,7 @@ class ChunkCompressor:
         positions = probe.positions.repeat(1, C, 1)
         out = a.run_layers(hidden, positions, a.rotary(hidden, positions), group[0], a.n_layers, plan)
         student = a.final_norm(out)[probe.observer.repeat(C, 1)]
-        js = teacher_js(student, replicas=C).view(C, -1).mean(dim=1).clamp_min(0.0)
+        js = teacher_js(student, replicas=C).view(C, -1).mean(dim=1)
         passed = (js <= self.settings.tolerance).tolist()
         chosen = passed.index(True) if True in passed else None
         return chosen, float(js[chosen if chosen is not None else C - 1]), C

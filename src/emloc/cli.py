@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import EMLoCError
+from .media import KINDS
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED = 0, 1, 2, 130, 141
 
@@ -191,7 +192,7 @@ def cmd_inspect(args) -> int:
     print(f"context tokens: {context}, chunks: {len(stats)}, kept per layer min/mean/max: "
           f"{min(per_layer, default=0)}/{mean:.1f}/{max(per_layer, default=0)}, "
           f"compression ratio: {context / mean if mean else float('inf'):.2f}x")
-    media = [kind for kind in ("image", "video") if any(chunk.get(f"{kind}_tokens") for chunk in stats)]
+    media = [kind for kind in KINDS if any(chunk.get(f"{kind}_tokens") for chunk in stats)]
     context_media = {kind: sum(chunk.get(f"{kind}_tokens", 0) for chunk in stats) for kind in media}
     if media:
         print("context " + ", ".join(f"{kind} tokens: {context_media[kind]}" for kind in media) +

@@ -8,7 +8,7 @@ import torch
 from .answering import Sampler, generate_batch, query_logits
 from .chunk_compression import ChunkCompressor
 from .errors import EMLoCError
-from .memory import (TOKENIZER_KEY, LayerMemory, TaskMemory, fingerprint_diff, model_part,
+from .memory import (TOKENIZER_KEY, TaskMemory, empty_layers, fingerprint_diff, model_part,
                      tokenizer_fingerprint)
 from .media import MediaPreparer
 from .rendering import ChatRenderer
@@ -77,16 +77,6 @@ class EMLoC:
         rendered = [self._render_chunk(demos, c, system) for c in range(n_chunks)]
         return [chunk for chunk, _ in rendered], [rows for _, rows in rendered]
 
-    def _check_fits(self, memory, chunk, rows, c: int) -> None:
-        """Raise EMLoCError if chunk c and its probe rows would run past the model's positions."""
-        a = self.adapter
-        end = memory.offset + int(a.relative_positions(chunk).max()) + 1
-        end += max(int(a.relative_positions(r).max()) + 1 for r in rows)
-        if end > a.max_positions:
-            raise EMLoCError(
-                f"chunk {c} would reach position {end} (with its probe), past the model's "
-                f"{a.max_positions} positions; use fewer or shorter demos")
-
     def compress(self, demos, system=None) -> TaskMemory:
         """Compress `demos` chunk by chunk into a TaskMemory; `system` opens the first chunk.
 
@@ -111,8 +101,7 @@ class EMLoC:
                     f"the demonstrations take {total} tokens (+{longest_probe} for the probe), more than "
                     f"the model's {self.adapter.max_positions} positions; use fewer or shorter demos")
         a = self.adapter
-        memory = TaskMemory([LayerMemory(a.n_kv_heads, a.head_dim, a.dtype, a.device) for _ in range(a.n_layers)],
-                            offset=0, context_length=0, fingerprint=self._fingerprint,
+        memory = TaskMemory(empty_layers(a), offset=0, context_length=0, fingerprint=self._fingerprint,
                             settings=self.settings.to_dict(), stats=[])
         worker = ChunkCompressor(a, self.settings, self.pad_id)
         bar = None
@@ -121,7 +110,6 @@ class EMLoC:
             bar = tqdm(total=n_chunks, desc="compressing", unit="chunk", file=sys.stderr)
         with a.emloc_attention():
             for c, (chunk, rows) in enumerate(rendered):
-                self._check_fits(memory, chunk, rows, c)
                 stats = worker.compress(memory, chunk, rows)
                 memory.stats.append({"chunk": c, **stats})
                 if bar is not None:
@@ -209,7 +197,4 @@ class EMLoC:
         chunks, _ = self._chunks(demos, system)
         query = self.renderer.query(query)
         ids = [t for c in chunks for t in c.ids] + query.ids
-        if isinstance(self.adapter, VisionLanguageAdapter):
-            return self.adapter.model_inputs(ids, [m for c in chunks for m in c.media] + query.media)
-        ids_t = torch.tensor([ids], device=self.adapter.device)
-        return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}
+        return self.adapter.model_inputs(ids, [m for c in chunks for m in c.media] + query.media)

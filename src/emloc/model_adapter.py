@@ -103,12 +103,21 @@ class DecoderAdapter:
     # -- positions -------------------------------------------------------------------------
     # emloc keeps positions as [P, B, T] int64: P = 1 for plain RoPE, 3 for M-RoPE (temporal,
     # height, width). A sequence's own positions start at 0; adding the memory's offset places
-    # it after the memory, and the offset then advances by the sequence's largest position + 1.
+    # it after the memory, and the offset then advances past the chunk's last token.
     position_dims = 1
 
     def relative_positions(self, seq) -> torch.Tensor:
         """[P, T] int64 positions of a rendered sequence (RenderedSequence), counted from 0."""
         return torch.arange(len(seq.ids))[None]
+
+    def token_types(self, ids):
+        """Token types (0 text, 1 image, 2 video) of ids, for models that take media; None here."""
+        return None
+
+    def model_inputs(self, ids: list, media: list) -> dict:
+        """Keyword inputs of model(...) for one sequence of token ids (no media for text models)."""
+        ids_t = torch.tensor([ids], device=self.device)
+        return {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t)}
 
     def _model_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """[P, B, T] -> what the model's rotary embedding takes ([B, T] for plain RoPE)."""

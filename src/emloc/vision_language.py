@@ -13,7 +13,8 @@ import torch
 from .errors import EMLoCError
 from .model_adapter import DecoderAdapter, module_device
 
-TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values
+TEXT = 0
+TOKEN_TYPES = {"image": 1, "video": 2}  # mm_token_type_ids values of media placeholders
 
 
 def is_vision_language(model) -> bool:
@@ -49,8 +50,8 @@ class VisionLanguageAdapter(DecoderAdapter):
         """[..., T] token ids -> mm_token_type_ids (0 text, 1 image, 2 video), int64."""
         ids = torch.as_tensor(ids)
         types = torch.zeros_like(ids)
-        types[ids == self.token_ids["image"]] = IMAGE
-        types[ids == self.token_ids["video"]] = VIDEO
+        for kind, code in TOKEN_TYPES.items():
+            types[ids == self.token_ids[kind]] = code
         return types
 
     def relative_positions(self, seq) -> torch.Tensor:
@@ -112,9 +113,8 @@ class VisionLanguageAdapter(DecoderAdapter):
     def model_inputs(self, ids: list, media: list) -> dict:
         """Keyword inputs of model(...) for one sequence of ids with its media, as a processor
         would give them (input_ids, attention_mask, mm_token_type_ids, pixel values and grids)."""
-        ids_t = torch.tensor([ids], device=self.device)
-        inputs = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t),
-                  "mm_token_type_ids": self.token_types(ids_t)}
+        inputs = super().model_inputs(ids, media)
+        inputs["mm_token_type_ids"] = self.token_types(inputs["input_ids"])
         images = [m for m in media if m.kind == "image"]
         videos = [m for m in media if m.kind == "video"]
         if images:

@@ -30,7 +30,8 @@ def teacher_logsumexp_reference(hidden, weight):
 
 
 def js_from_log_probs(log_p, log_q):
-    """JS [N] fp32 (nats, clamped at 0) between rows of log-probabilities log_p, log_q [N, V]."""
+    """JS [...] fp32 (nats, clamped at 0) between rows of log-probabilities log_p, log_q [..., V]
+    (broadcast against each other)."""
     log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, device=log_p.device))
     p, q = log_p.exp(), log_q.exp()
     js = 0.5 * (p * (log_p - log_m)).sum(-1) + 0.5 * (q * (log_q - log_m)).sum(-1)
@@ -295,6 +296,7 @@ class TeacherJS:
                              f"{replicas} replicas x {self.teacher.shape[0]} teacher rows")
         if self.backend == "torch":
             log_q = torch.log_softmax(student_hidden.float() @ self.weight.float().T, dim=-1)
-            return js_from_log_probs(self.log_p.repeat(replicas, 1), log_q)
+            n, vocab = self.log_p.shape  # broadcast the teacher over replicas (no copy)
+            return js_from_log_probs(self.log_p[None], log_q.view(replicas, n, vocab)).reshape(-1)
         return lm_head_js_triton(student_hidden, self.teacher.repeat(replicas, 1), self.weight,
                                  self.lse.repeat(replicas))
