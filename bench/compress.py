@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_rows  # noqa: E402
+from fidelity import js_divergence  # noqa: E402
 
 import emloc  # noqa: E402
 from emloc.demo import SYSTEM, load_task  # noqa: E402
@@ -68,13 +69,9 @@ def floor_passes(memory, probe_tokens: list, n_layers: int) -> list:
 
 def first_token_js(comp, memory, full_comp, full_memory, queries) -> float:
     """Mean JS (nats) between the first answer token's distributions of memory and full context."""
-    values = []
-    for q in queries:
-        p = comp.logits(memory, q)[0].double().log_softmax(-1)
-        r = full_comp.logits(full_memory, q)[0].double().log_softmax(-1)
-        m = torch.logaddexp(p, r) - torch.log(torch.tensor(2.0, dtype=torch.float64))
-        values.append(float(0.5 * (p.exp() * (p - m)).sum() + 0.5 * (r.exp() * (r - m)).sum()))
-    return statistics.mean(values)
+    log_p = torch.stack([comp.logits(memory, q)[0].double().log_softmax(-1) for q in queries])
+    log_r = torch.stack([full_comp.logits(full_memory, q)[0].double().log_softmax(-1) for q in queries])
+    return float(js_divergence(log_p, log_r).mean())
 
 
 def cost_table(model, tokenizer, demos, queries, groups, repeats) -> list:
