@@ -96,7 +96,7 @@ def test_load_rejects_other_model_and_damaged_files(compressed, tmp_path):
     with pytest.raises(emloc.EMLoCError, match="no memory file"):
         emloc.TaskMemory.load(tmp_path / "missing.emloc", comp.model)
     newer = tmp_path / "newer.emloc"
-    newer.write_bytes(data.replace(b'"version":"1"', b'"version":"9"'))
+    newer.write_bytes(data.replace(b'"version":"2"', b'"version":"9"'))
     with pytest.raises(emloc.EMLoCError, match="format version"):
         emloc.TaskMemory.load(newer, comp.model)
 

@@ -178,7 +178,7 @@ def test_layer_memory_follows_each_layer_device(compressed, tmp_path):
     path = tmp_path / "task.emloc"
     memory.save(path)
     split = copy.deepcopy(comp.model)
-    split.model.layers[1].to("meta")  # stands in for a second device
+    split.model.layers[1]._hf_hook = SimpleNamespace(execution_device=torch.device("meta"))  # a second device
     split.model.layers[2]._hf_hook = SimpleNamespace(execution_device=torch.device("meta"))
     adapter = DecoderAdapter(split)
     assert [d.type for d in adapter.layer_devices] == ["cpu", "meta", "meta"]

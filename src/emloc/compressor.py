@@ -52,6 +52,7 @@ class EMLoC:
                                  layer_group=layer_group, batch_candidates=batch_candidates)
         self.model = model
         self.adapter = adapter_for(model)
+        self.settings.check_model(self.adapter)
         takes_media = (isinstance(self.adapter, VisionLanguageAdapter)
                        and getattr(processor, "image_processor", None) is not None)
         self.renderer = ChatRenderer(processor, media=MediaPreparer(processor) if takes_media else None)
@@ -165,8 +166,15 @@ class EMLoC:
         queries = [query] if single else list(query)
         if not queries:
             raise EMLoCError("no queries given")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise EMLoCError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if do_sample not in (True, False):
+            raise EMLoCError(f"do_sample must be True or False, got {do_sample!r}")
+        t = temperature  # checked even when greedy: a wrong value is a mistake either way
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise EMLoCError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise EMLoCError(f"seed must be an integer >= 0 or None, got {seed!r}")
         sampler = Sampler(do_sample, temperature, top_k, top_p)
         rows = [self.renderer.query(q) for q in queries]
         if do_sample:

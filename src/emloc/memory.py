@@ -5,7 +5,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,9 +12,9 @@ import torch
 from emloc_kernels import gather_append
 
 from .errors import EMLoCError
+from .memory_file import decode, encode
+from .output_files import atomic_write, output_path
 
-FORMAT_NAME = "emloc-task-memory"
-FORMAT_VERSION = 1
 TOKENIZER_KEY = "tokenizer"  # the fingerprint's entry that identifies the tokenizer
 _TOKENIZER_PROBE = "The capital of France is Paris. 0123456789 naïve café 東京 \t\n <tag> x=y+1;"
 
@@ -49,45 +48,35 @@ def model_part(fingerprint: dict) -> dict:
     return {k: v for k, v in fingerprint.items() if k != TOKENIZER_KEY}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def read_file(path):
+    """(header, {name: CPU tensor}) of a memory file, checked as memory_file.decode describes.
 
-
-def read_header(path) -> dict:
-    """The header of a memory file (offset, context_length, fingerprint, settings, stats) without
-    its tensors; raises EMLoCError for a missing, damaged or foreign file or another version."""
-    return _read(path, with_tensors=False)[0]
-
-
-def _read(path, with_tensors: bool):
-    """(header dict, {name: tensor} or None) of a memory file, validated as in read_header."""
-    from safetensors import SafetensorError, safe_open
-
+    The file is read whole into memory the process owns (no memory map): after this returns,
+    nothing done to the file (rewritten, truncated, deleted) affects the tensors.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise EMLoCError(f"a memory path must be a string or a path, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise EMLoCError(f"no memory file at {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FORMAT_NAME:
-                raise EMLoCError(f"{path} is not an emloc task memory")
-            if metadata.get("version") != str(FORMAT_VERSION):
-                raise EMLoCError(f"{path} has format version {metadata.get('version')!r}; this "
-                                 f"emloc reads version {FORMAT_VERSION}. Compress the task again")
-            header = json.loads(metadata["header"])
-            tensors = {name: f.get_tensor(name) for name in f.keys()} if with_tensors else None
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
-        if isinstance(exc, EMLoCError):
-            raise
-        raise EMLoCError(f"{path} is damaged or truncated, or not an emloc memory ({exc})") from None
-    required = ("offset", "context_length", "fingerprint", "settings", "stats")
-    if not isinstance(header, dict) or any(key not in header for key in required):
-        raise EMLoCError(f"{path} is damaged: its header lacks some of {', '.join(required)}")
-    if not isinstance(header["fingerprint"], dict) or not isinstance(header["stats"], list):
-        raise EMLoCError(f"{path} is damaged: its fingerprint or statistics are malformed")
-    return header, tensors
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = bytearray(size)
+            got = f.readinto(data)
+            more = f.read(1)
+    except OSError as exc:
+        raise EMLoCError(f"could not read {path}: {exc.strerror or exc}") from None
+    if got != size or more:
+        raise EMLoCError(f"{path} changed while it was being read; try again")
+    return decode(data, str(path))
+
+
+def read_header(path) -> dict:
+    """The header of a memory file (offset, context_length, fingerprint, settings, stats,
+    tensors), after every check of read_file (tensor checksums included); raises EMLoCError for
+    a missing, damaged or foreign file or another version."""
+    return read_file(path)[0]
 
 
 class LayerMemory:
@@ -210,54 +199,40 @@ class TaskMemory:
 
     # -- file ------------------------------------------------------------------------------
     def save(self, path) -> None:
-        """Write a safetensors file atomically (a crash never leaves a partial file at `path`)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
+        """Write the memory to `path` (format: memory_file.py) atomically: its folder must exist;
+        a failure (disk full, interrupted) raises EMLoCError and leaves any old file unchanged."""
+        path = output_path(path)
         tensors = {}
         for i, layer in enumerate(self.layers):
             tensors[f"layers.{i}.keys"] = layer.keys.detach().cpu().contiguous()
             tensors[f"layers.{i}.values"] = layer.values.detach().cpu().contiguous()
         header = {"offset": self.offset, "context_length": self.context_length,
                   "fingerprint": self.fingerprint, "settings": self.settings, "stats": self.stats}
-        metadata = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "header": json.dumps(header)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a memory is shared
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, binary=True) as out:
+            out.write(encode(header, tensors))
 
     @classmethod
     def load(cls, path, model) -> "TaskMemory":
-        """Read a memory saved by `save` for `model`, each layer onto the device its decoder layer
-        runs on; raises EMLoCError if the file is damaged, of another version or another model."""
+        """Read a memory saved by `save` for `model` into memory of its own (see read_file), each
+        layer onto the device its decoder layer runs on; raises EMLoCError if the file is
+        damaged, of another version, or made with another model."""
+        header, tensors = read_file(path)
+        return cls.from_file(header, tensors, model, path)
+
+    @classmethod
+    def from_file(cls, header: dict, tensors: dict, model, where) -> "TaskMemory":
+        """The memory of a file already read by read_file, checked against `model`'s fingerprint."""
         from .vision_language import adapter_for
 
         adapter = adapter_for(model)
-        header, tensors = _read(path, with_tensors=True)
         stored = header["fingerprint"]
         diff = fingerprint_diff(model_part(stored), adapter.fingerprint())
         if diff:
-            raise EMLoCError(f"{path} was made with another model (file vs this model: {diff}); "
+            raise EMLoCError(f"{where} was made with another model (file vs this model: {diff}); "
                              "load it with the model it was compressed with, or compress again")
         layers = empty_layers(adapter)
         for i, layer in enumerate(layers):
-            try:
-                k, v = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
-            except KeyError:
-                raise EMLoCError(f"{path} is damaged: layer {i} is missing") from None
-            shape_ok = (k.shape == v.shape and k.dim() == 3 and k.shape[0] == adapter.n_kv_heads
-                        and k.shape[2] == adapter.head_dim)
-            if not shape_ok or k.dtype != adapter.dtype:
-                raise EMLoCError(f"{path} is damaged: layer {i} has shape {tuple(k.shape)} {k.dtype}")
             device = adapter.layer_devices[i]
-            layer.set(k.to(device), v.to(device))
+            layer.set(tensors[f"layers.{i}.keys"].to(device), tensors[f"layers.{i}.values"].to(device))
         return cls(layers, header["offset"], header["context_length"], stored,
                    header["settings"], header["stats"])

@@ -12,12 +12,19 @@ hidden states, positions and rotary tables are moved to it before it runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import math
 
 import torch
 
 from .attention import ATTENTION_NAME
 from .errors import EMLoCError
+
+# model types (config.model_type) whose equivalence with the model's own forward is tested;
+# others may scale embeddings or logits outside the modules emloc drives (Granite, Cohere, ...)
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "qwen2_vl", "qwen2_5_vl")
+FINGERPRINT_SAMPLES = 4096  # values hashed per weight tensor
 
 
 def module_device(module) -> torch.device:
@@ -51,6 +58,10 @@ class DecoderAdapter:
             raise EMLoCError(f"unsupported model {type(model).__name__}: emloc needs a decoder-only "
                              "transformers causal LM (Llama, Qwen2/3, Mistral families) or "
                              "Qwen2-VL / Qwen2.5-VL")
+        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            raise EMLoCError(f"unsupported model type {getattr(config, 'model_type', None)!r} "
+                             f"({type(model).__name__}): emloc is tested on {', '.join(SUPPORTED_MODEL_TYPES)} "
+                             "only; other families may scale embeddings or logits where emloc cannot see")
         self.config = config.get_text_config() if hasattr(config, "get_text_config") else config
         try:
             decoder = model.get_decoder()
@@ -169,18 +180,30 @@ class DecoderAdapter:
         return self.lm_head(hidden.to(self.device)).float()
 
     def fingerprint(self) -> dict:
-        """What identifies the model a memory belongs to (architecture, sizes, dtype, weights)."""
-        w = self.embed_tokens.weight
-        if w.device.type == "meta":
-            raise EMLoCError("the model's weights are offloaded (parameters on the 'meta' device); "
-                             "emloc needs every weight resident: use a device_map without offloading "
-                             "(no 'disk' entries, and no 'cpu' entries next to GPUs)")
-        probe = w[:: max(1, w.shape[0] // 64), :8].detach().float().cpu()
+        """What identifies the model a memory belongs to: architecture, sizes, dtype, and
+        weights_sha256, a hash of every parameter and buffer (name, shape, dtype and a strided
+        sample of FINGERPRINT_SAMPLES values; the stride is coprime with the last dimension, so
+        the sample spans rows and columns). Any retrained tensor changes it; computing it reads
+        ~FINGERPRINT_SAMPLES values per tensor, cheap enough for every load."""
+        digest = hashlib.sha256()
+        tensors = itertools.chain(self.model.named_parameters(), self.model.named_buffers())
+        for name, tensor in tensors:
+            if tensor.device.type == "meta":
+                raise EMLoCError(f"the model's weights are offloaded ({name} is on the 'meta' device); "
+                                 "emloc needs every weight resident: use a device_map without offloading "
+                                 "(no 'disk' entries, and no 'cpu' entries next to GPUs)")
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // FINGERPRINT_SAMPLES)
+            while tensor.dim() and math.gcd(step, tensor.shape[-1]) != 1:
+                step += 1
+            sample = flat[::step][:FINGERPRINT_SAMPLES].to(device="cpu", dtype=torch.float64)
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            digest.update(sample.numpy().tobytes())
         return {
             "architecture": type(self.model).__name__,
             "model_type": getattr(self.config, "model_type", ""),
             "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
             "head_dim": self.head_dim, "hidden_size": self.hidden_size, "vocab_size": self.vocab_size,
             "dtype": str(self.dtype).replace("torch.", ""),
-            "weights_checksum": round(float(probe.double().abs().sum()), 6),
+            "weights_sha256": digest.hexdigest(),
         }

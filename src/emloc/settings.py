@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 from .errors import EMLoCError
@@ -42,10 +43,13 @@ class Settings:
         tol = self.tolerance
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or math.isnan(tol) or tol < 0:
             raise EMLoCError(f"tolerance must be a number >= 0 (the JS bound in nats), got {tol!r}")
-        try:
-            ratios = tuple(float(r) for r in self.ratios)
-        except (TypeError, ValueError):
-            raise EMLoCError(f"ratios must be a sequence of numbers in (0, 1], got {self.ratios!r}") from None
+        ratios = self.ratios
+        if isinstance(ratios, (str, bytes, dict)) or not hasattr(ratios, "__iter__"):
+            raise EMLoCError(f"ratios must be a sequence of numbers in (0, 1], got {ratios!r}")
+        ratios = tuple(ratios)
+        if any(isinstance(r, bool) or not isinstance(r, numbers.Real) for r in ratios):
+            raise EMLoCError(f"ratios must be a sequence of numbers in (0, 1], got {self.ratios!r}")
+        ratios = tuple(float(r) for r in ratios)
         if not ratios:
             raise EMLoCError("ratios is empty: give at least one candidate keep-ratio in (0, 1]")
         if any(not (0 < r <= 1) for r in ratios):
@@ -73,6 +77,19 @@ class Settings:
             raise EMLoCError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.pool_width, int) or self.pool_width < 1 or self.pool_width % 2 == 0:
             raise EMLoCError(f"pool_width must be an odd integer >= 1, got {self.pool_width!r}")
+
+    def check_model(self, adapter) -> None:
+        """The checks that need the model (a DecoderAdapter): layer_group at most its layer
+        count, and backend="triton" only where Triton can run (CUDA, or TRITON_INTERPRET=1)."""
+        if self.layer_group > adapter.n_layers:
+            raise EMLoCError(f"layer_group={self.layer_group} is larger than the model's "
+                             f"{adapter.n_layers} layers; give at most {adapter.n_layers}")
+        from emloc_kernels._backend import triton_interpreted
+
+        devices = [adapter.device, *adapter.layer_devices]
+        if self.backend == "triton" and not triton_interpreted() and any(d.type != "cuda" for d in devices):
+            raise EMLoCError("backend='triton' needs the model on CUDA, or TRITON_INTERPRET=1 set before "
+                             "emloc is imported (the CPU interpreter, slow); use backend='auto' or 'torch'")
 
     def to_dict(self) -> dict:
         d = asdict(self)
