@@ -1,8 +1,9 @@
 """emloc: compress many-shot demonstrations into a reusable per-layer KV task memory (EMLoC)."""
+from .attention import routed
 from .compressor import EMLoC
 from .errors import EMLoCError
 from .memory import TaskMemory
 from .settings import Settings
 
-__all__ = ["EMLoC", "EMLoCError", "Settings", "TaskMemory"]
+__all__ = ["EMLoC", "EMLoCError", "Settings", "TaskMemory", "routed"]
 __version__ = "0.1.0"

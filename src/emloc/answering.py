@@ -28,6 +28,20 @@ def _left_padded(adapter, rows: list, pad_id: int, offset: int):
     return ids.to(adapter.device), valid.to(adapter.device), positions.to(adapter.device)
 
 
+def cache_inputs(adapter, memory, rows: list, pad_id: int) -> dict:
+    """Inputs of model(...) / model.generate(...) for rendered query rows read after `memory`
+    through a MemoryCache (see emloc.cache): input_ids [B, T] left-padded, attention_mask
+    [B, offset + T] (offset ones for the memory, then the rows' padding), position_ids [B, T]
+    (offset + each row's own positions, as generate_batch uses)."""
+    if adapter.position_dims != 1:
+        raise EMLoCError("model inputs for a memory cache are built for text models only; "
+                         "use EMLoC.generate with a vision-language model")
+    check_positions(adapter, memory, max(len(r.ids) for r in rows))
+    ids, valid, positions = _left_padded(adapter, rows, pad_id, memory.offset)
+    mask = torch.cat([valid.new_ones(len(rows), memory.offset), valid], dim=1).long()
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions[0]}
+
+
 def check_positions(adapter, memory, needed: int) -> None:
     if memory.offset + needed > adapter.max_positions:
         raise EMLoCError(

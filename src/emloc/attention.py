@@ -9,34 +9,153 @@ the *plan* passed down as the `emloc_plan` keyword. A plan says what the rows at
 - ProbePlan: memory ⊕ a chunk segment (both shared, unmasked) ⊕ own tokens; optionally
   records per-layer importance scores. The probe pass and every search test.
 
-Without a plan (someone else's call while routed) it falls back to SDPA.
+Without a plan, a layer whose cache is a task memory (emloc.cache.MemoryCache) hands its
+memory to the attention call that follows its update (`hand_over`): the call attends to the
+memory (all visible) plus the rows' own tokens, whose padding comes from the mask transformers
+built (`own_padding`). Any other call falls back to the stock implementation the routing name
+says: "emloc" to SDPA, "emloc_eager" to eager attention (`routed` picks the one matching the
+model's own implementation).
 """
 from __future__ import annotations
+
+import contextlib
+import sys
+import threading
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from emloc_kernels import prefix_attention, probe_scores
 
-ATTENTION_NAME = "emloc"
+from .errors import EMLoCError
+
+ATTENTION_NAME = "emloc"              # routed; calls without a plan or a memory run SDPA
+EAGER_ATTENTION_NAME = "emloc_eager"  # routed; calls without a plan or a memory run eager attention
+ROUTED_NAMES = (ATTENTION_NAME, EAGER_ATTENTION_NAME)
+
+_handed = threading.local()  # .entry: (memory-cache layer, the keys its update returned)
 
 
-def emloc_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            emloc_plan=None, **kwargs):
-    """transformers attention signature; query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D].
-
-    Returns ([B, Lq, Hq, D], None) like the stock implementations.
-    """
-    if emloc_plan is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = emloc_plan.attend(module.layer_idx, query, key, value, scale)
-    return out.transpose(1, 2).contiguous(), None
+def hand_over(layer, keys) -> None:
+    """Called by a memory-cache layer's update: the attention call that receives `keys` (the
+    tensor update returned) attends to `layer`'s memory as well."""
+    _handed.entry = (layer, keys)
 
 
+def _take_handed(key):
+    """The memory-cache layer whose update returned `key`, or None when no layer handed over."""
+    entry = getattr(_handed, "entry", None)
+    if entry is None:
+        return None
+    _handed.entry = None
+    layer, keys = entry
+    if keys is not key:
+        raise EMLoCError("the model changed the keys between its cache update and its attention "
+                         "call; emloc's memory cache supports Llama-style attention only")
+    return layer
+
+
+def _routed_attention(fallback):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                  emloc_plan=None, **kwargs):
+        """transformers attention signature; query [B, Hq, Lq, D], key/value [B, Hkv, Lk, D].
+
+        Returns ([B, Lq, Hq, D], None) like the stock implementations.
+        """
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if emloc_plan is not None:
+            out = emloc_plan.attend(module.layer_idx, query, key, value, scale)
+            return out.transpose(1, 2).contiguous(), None
+        layer = _take_handed(key)
+        if layer is not None:
+            out = layer.attend(query, key, value, attention_mask, scale)
+            return out.transpose(1, 2).contiguous(), None
+        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                        **kwargs)
+    return attention
+
+
+def _eager_attention(module, *args, **kwargs):
+    """The eager attention of the module's own modeling file (Llama's when it has none)."""
+    forward = getattr(sys.modules[type(module).__module__], "eager_attention_forward", eager_attention_forward)
+    return forward(module, *args, **kwargs)
+
+
+emloc_attention_forward = _routed_attention(sdpa_attention_forward)
 AttentionInterface.register(ATTENTION_NAME, emloc_attention_forward)
+AttentionInterface.register(EAGER_ATTENTION_NAME, _routed_attention(_eager_attention))
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)    # boolean masks (None when causal suffices)
+AttentionMaskInterface.register(EAGER_ATTENTION_NAME, eager_mask)  # additive float masks
+
+
+def attention_configs(model) -> list:
+    """The distinct configs whose _attn_implementation selects the model's attention."""
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        configs.append(model.config.get_text_config())
+    return list({id(c): c for c in configs}.values())
+
+
+def is_routed(model) -> bool:
+    """Whether the model's attention currently runs emloc's function."""
+    return all(c._attn_implementation in ROUTED_NAMES for c in attention_configs(model))
+
+
+@contextlib.contextmanager
+def routed(model):
+    """Run the model's attention through emloc's function inside the block (needed for a
+    MemoryCache): "emloc_eager" for a model loaded with eager attention, else "emloc" (SDPA for
+    every call that does not read a memory). The previous implementation is restored on exit."""
+    saved = [(c, c._attn_implementation) for c in attention_configs(model)]
+    try:
+        for c, impl in saved:
+            if impl not in ROUTED_NAMES:
+                c._attn_implementation = EAGER_ATTENTION_NAME if impl == "eager" else ATTENTION_NAME
+        yield model
+    finally:
+        for c, impl in saved:
+            c._attn_implementation = impl
+
+
+def own_padding(mask, q_len: int, own_len: int):
+    """The padding of the rows' own tokens from the mask transformers built for a forward.
+
+    mask: None (causal, nothing padded), a boolean [B, 1, q_len, K] (True = visible) or an
+    additive float mask (0 = visible), K >= own_len; its last own_len columns are the own tokens
+    (the memory columns, always visible, are read by prefix_attention, not from the mask).
+    Returns own_valid [B, own_len] bool (False at padding) or None. Raises EMLoCError unless the
+    columns are causal with padding (what prefix_attention computes), or when a row sees no own
+    token (an attention_mask that does not span memory.offset + the tokens).
+    """
+    if mask is None:
+        return None
+    if mask.dim() != 4 or mask.shape[-1] < own_len or mask.shape[-2] != q_len:
+        raise EMLoCError(f"the attention mask has shape {tuple(mask.shape)}; a memory cache expects "
+                         f"[batch, 1, {q_len}, >= {own_len}] (pass a 2-D attention_mask)")
+    mask = mask[..., -own_len:]
+    if mask.dtype == torch.bool:
+        visible = mask
+    else:
+        visible = mask == 0
+        if not bool((visible | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
+            raise EMLoCError("a memory cache takes masks of visible/hidden keys only (no attention biases)")
+    if visible.shape[1] != 1:
+        raise EMLoCError("a memory cache takes masks shared by all heads")
+    visible = visible[:, 0]
+    valid = visible[:, -1]
+    i = torch.arange(q_len, device=mask.device)[:, None] + (own_len - q_len)
+    causal = torch.arange(own_len, device=mask.device)[None, :] <= i
+    if not torch.equal(visible, causal[None] & valid[:, None, :]):
+        raise EMLoCError("a memory cache supports causal attention with padding only (the mask "
+                         "given is another pattern: a custom 4-D mask, a sliding window or packing)")
+    if not bool(valid.any(dim=-1).all()):
+        raise EMLoCError("a row sees none of its tokens: with a memory cache the attention_mask "
+                         "must have memory.offset + (cached + new tokens) columns, the first "
+                         "memory.offset of them ones (EMLoC.query_inputs builds it)")
+    return None if bool(valid.all()) else valid
 
 
 class OwnKVCache:

@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from .answering import Sampler, generate_batch, query_logits
+from .answering import Sampler, cache_inputs, generate_batch, query_logits
+from .cache import cache_keyword
 from .chunk_compression import ChunkCompressor
 from .errors import EMLoCError
 from .memory import (TOKENIZER_KEY, TaskMemory, empty_layers, fingerprint_diff, model_part,
@@ -198,6 +199,24 @@ class EMLoC:
             seq.ids = seq.ids + self.renderer.text_ids(continuation)
         with self.adapter.emloc_attention():
             return query_logits(self.adapter, memory, seq, first, self.settings.backend)
+
+    def query_inputs(self, memory, query, cache=True) -> dict:
+        """Keyword inputs of model(...) and model.generate(...) that answer `query` (a string or
+        content parts; a list of them: one left-padded batch) from `memory`, rendered as
+        EMLoC.generate renders it: input_ids [B, T] (the query tokens only), attention_mask
+        [B, memory.offset + T] (ones for the memory, then the padding), position_ids [B, T]
+        and, with cache=True, a fresh memory.as_cache(model) under the keyword this
+        transformers takes ("cache" or "past_key_values"). The model must be routed to emloc's
+        attention (emloc.routed). Text models only."""
+        self._check_memory(memory)
+        single = not isinstance(query, (list, tuple)) or (query and isinstance(query[0], dict))
+        queries = [query] if single else list(query)
+        if not queries:
+            raise EMLoCError("no queries given")
+        inputs = cache_inputs(self.adapter, memory, [self.renderer.query(q) for q in queries], self.pad_id)
+        if cache:
+            inputs[cache_keyword(self.model)] = memory.as_cache(self.model, backend=self.settings.backend)
+        return inputs
 
     def full_inputs(self, demos, query, system=None) -> dict:
         """Model inputs for the uncompressed sequence: all chunks, then the query, as rendered here."""

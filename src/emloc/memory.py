@@ -191,6 +191,14 @@ class TaskMemory:
         """Per layer (keys, values) views [Hkv, M_l, D] of the buffers (no copy), each on its layer's device."""
         return [(layer.keys, layer.values) for layer in self.layers]
 
+    def as_cache(self, model, backend="auto"):
+        """A fresh transformers Cache (emloc.cache.MemoryCache) whose layers start with this
+        memory, shared read-only (not copied); pass it as past_key_values= to model(...) or
+        model.generate(...) of a model routed to emloc's attention (emloc.routed)."""
+        from .cache import MemoryCache
+
+        return MemoryCache(self, model, backend=backend)
+
     def __repr__(self):
         lengths = self.layer_lengths
         return (f"TaskMemory(layers={len(lengths)}, context={self.context_length}, "
