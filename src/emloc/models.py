@@ -5,9 +5,11 @@ model with its processor; everything else as a causal LM with its tokenizer.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from pathlib import Path
+from unittest import mock
 
 from .errors import EMLoCError
 
@@ -26,34 +28,82 @@ def bundled_model_path() -> Path:
     return path
 
 
-def load_model(path=None):
+def model_path(path=None) -> Path:
+    """The model file or folder `path` names (None: the bundled GGUF), checked to exist."""
+    path = bundled_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise EMLoCError(f"no model at {path}: give a Hugging Face model folder or a .gguf file")
+    return path
+
+
+def config_fingerprint(path) -> dict:
+    """The entries of a model fingerprint (DecoderAdapter.fingerprint) that a model folder's
+    config gives without loading weights: model_type and sizes. {} for a .gguf file (reading its
+    metadata costs about as much as loading it)."""
+    path = model_path(path)
+    if path.suffix == ".gguf":
+        return {}
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise EMLoCError(f"could not read the model config at {path}: {_one_line(exc)}") from None
+    _check_model_type(config, path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    return {"model_type": getattr(text, "model_type", ""), "n_layers": text.num_hidden_layers,
+            "n_heads": heads, "n_kv_heads": getattr(text, "num_key_value_heads", None) or heads,
+            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // heads,
+            "hidden_size": text.hidden_size}
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())
+
+
+def _check_model_type(config, path) -> None:
+    from .model_adapter import SUPPORTED_MODEL_TYPES
+
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise EMLoCError(f"the model at {path} is of type {getattr(config, 'model_type', None)!r}; emloc "
+                         f"is tested on {', '.join(SUPPORTED_MODEL_TYPES)} only")
+
+
+def load_model(path=None, before_weights=None):
     """(model, tokenizer or processor) in fp32 on the CPU, offline. path: None (bundled), a
-    folder or a .gguf."""
+    folder or a .gguf. before_weights(tokenizer or processor), if given, runs before the weights
+    are loaded (the slow part): checks that need only the tokenizer fail early."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    path = bundled_model_path() if path is None else Path(path)
-    if not path.exists():
-        raise EMLoCError(f"no model at {path}: give a Hugging Face model folder or a .gguf file")
+    path = model_path(path)
+    check = before_weights or (lambda processor: None)
     try:
         if path.suffix == ".gguf":
             kwargs = {"gguf_file": path.name}
             tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+            check(tokenizer)
             model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
-        elif hasattr(AutoConfig.from_pretrained(path), "vision_config"):
-            return _load_vision_language(path)
         else:
+            config = AutoConfig.from_pretrained(path)
+            _check_model_type(config, path)
+            if hasattr(config, "vision_config"):
+                return _load_vision_language(path, check)
             tokenizer = AutoTokenizer.from_pretrained(path)
+            check(tokenizer)
             model = AutoModelForCausalLM.from_pretrained(path)
+    except EMLoCError:
+        raise
     except (OSError, ValueError, ImportError) as exc:
-        raise EMLoCError(f"could not load the model at {path}: {exc}") from None
+        raise EMLoCError(f"could not load the model at {path}: {_one_line(exc)}") from None
     return model.eval(), tokenizer
 
 
-def _load_vision_language(path: Path):
-    """(model, processor) of a vision-language model folder."""
+def _load_vision_language(path: Path, check):
+    """(model, processor) of a vision-language model folder; check(processor) runs before the weights load."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     try:
@@ -61,4 +111,5 @@ def _load_vision_language(path: Path):
     except Exception as exc:  # noqa: BLE001 - processors fail in many ways (missing torchvision, files)
         raise EMLoCError(f"could not load the processor at {path}: {exc} (Qwen2-VL processors need "
                          "torchvision, and the folder needs the processor's files)") from None
+    check(processor)
     return AutoModelForImageTextToText.from_pretrained(path).eval(), processor
