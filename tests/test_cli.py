@@ -110,7 +110,7 @@ def test_user_errors_exit_2_with_one_line(compressed, capsys):
     one_line_error(capsys, answer, "exactly one of --query")
     one_line_error(capsys, answer + ["--query", "q", "--top-p", "0.5"], "--temperature > 0")
     one_line_error(capsys, ["compress", "--demos", str(bad_jsonl), "--out", str(tmp / "x.emloc"),
-                            "--model", w["model"]], "not valid JSON")
+                            "--model", w["model"]], 'bad.jsonl:1 needs a non-empty string "output"')
     one_line_error(capsys, ["inspect", str(tmp / "missing.emloc")], "no memory file")
     assert run(capsys, ["frobnicate"])[0] == 2
     assert run(capsys, ["answer", "--query", "q"])[0] == 2  # --memory is required
@@ -157,7 +157,7 @@ def test_vision_language_compress_inspect_answer(tmp_path, capsys, monkeypatch):
     from tiny_vl_models import tiny_images, tiny_vl_model, tiny_vl_processor
 
     model, processor = tiny_vl_model("qwen2_vl", std=0.2), tiny_vl_processor("qwen2_vl")
-    monkeypatch.setattr(emloc.models, "load_model", lambda path=None: (model, processor))
+    monkeypatch.setattr(emloc.models, "load_model", lambda path=None, before_weights=None: (model, processor))
     (tmp_path / "img").mkdir()
     images = tiny_images(((56, 56), (84, 56), (56, 84), (112, 56), (56, 56)), seed=3)
     for i, image in enumerate(images):

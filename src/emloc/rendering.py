@@ -37,41 +37,83 @@ class RenderedSequence:
         return mask
 
 
-def message_content(content, where: str, media=None, prepare: bool = True):
-    """A demo's input or a query -> (content for the chat template, [MediaItem]).
+def check_text(text, where: str) -> None:
+    """Raise EMLoCError unless `text` is a string of valid Unicode (no lone surrogates, which
+    cannot be encoded as UTF-8 and so cannot be tokenized)."""
+    if not isinstance(text, str):
+        raise EMLoCError(f"{where}: text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EMLoCError(f"{where}: the text is not valid Unicode (a lone surrogate {text[exc.start]!r} at "
+                         f"character {exc.start}); fix the encoding of the data") from None
 
-    content: a string, or chat content parts ({"type": "text", "text": ...}, and with a
-    MediaPreparer `media` also {"type": "image", "image": ...} / {"type": "video", "video": [...]}).
-    Text-only parts are joined into one string; parts with media stay parts, each image or video
-    replaced by its bare {"type": kind} placeholder part. prepare=False only checks the parts
-    (no image is processed; the returned items are None).
-    """
+
+def check_content(content, where: str) -> None:
+    """Raise EMLoCError for a demo input or query that no model can take, checked without a
+    tokenizer: a string, or a non-empty list of parts {"type": "text", "text": str} /
+    {"type": "image" | "video", ...}; valid Unicode; not empty (some non-blank text, or an
+    image/video)."""
     if isinstance(content, str):
-        _check_no_placeholder(content, where, media)
-        return content, []
+        check_text(content, where)
+        if not content.strip():
+            raise EMLoCError(f"{where} is empty or blank: give some text")
+        return
     if not isinstance(content, (list, tuple)):
         raise EMLoCError(f"{where}: expected a string or a list of content parts, got {type(content).__name__}")
-    parts, items = [], []
+    if not content:
+        raise EMLoCError(f"{where} is an empty list of content parts: give text or an image/video part")
+    has_media = False
     for part in content:
         if not isinstance(part, dict) or "type" not in part:
             raise EMLoCError(f"{where}: content parts must be dicts with a 'type', got {part!r}")
+        if part["type"] == "text":
+            if "text" not in part:
+                raise EMLoCError(f"{where}: a text part has no 'text' entry; give {{'type': 'text', 'text': ...}}")
+            check_text(part["text"], f"{where}, text part")
+        elif part["type"] in KINDS:
+            has_media = True
+        else:
+            raise EMLoCError(f"{where}: unknown content part type {part['type']!r}; use 'text', 'image' or 'video'")
+    if not has_media and not any(p["text"].strip() for p in content):
+        raise EMLoCError(f"{where} has only blank text parts: give some text or an image/video")
+
+
+def message_content(content, where: str, media=None, prepare: bool = True, special=None):
+    """A demo's input or a query -> (content for the chat template, [MediaItem]).
+
+    content: a string, or chat content parts ({"type": "text", "text": ...}, and with a
+    MediaPreparer `media` also {"type": "image", "image": ...} / {"type": "video", "video": [...]}),
+    as check_content requires. Text-only parts are joined into one string; parts with media stay
+    parts, each image or video replaced by its bare {"type": kind} placeholder part.
+    prepare=False only checks the parts (no image is processed; the returned items are None).
+    special(text, where) checks each text for the tokenizer's control tokens.
+    """
+    check_content(content, where)
+    if isinstance(content, str):
+        _check_no_placeholder(content, where, media)
+        if special is not None:
+            special(content, where)
+        return content, []
+    parts, items = [], []
+    for part in content:
         kind = part["type"]
         if kind == "text":
-            parts.append({"type": "text", "text": str(part.get("text", ""))})
-            _check_no_placeholder(parts[-1]["text"], where, media)
-        elif kind in KINDS and media is not None:
+            parts.append({"type": "text", "text": part["text"]})
+            _check_no_placeholder(part["text"], where, media)
+            if special is not None:
+                special(part["text"], where)
+        elif media is not None:
             if prepare:
                 items.append(media.prepare(part, where))
             else:
                 media.check(part, where, load=False)
                 items.append(None)
             parts.append({"type": kind})
-        elif kind in KINDS:
+        else:
             raise EMLoCError(f"{where}: a part of type {kind!r} needs a vision-language model (Qwen2-VL, "
                              "Qwen2.5-VL) given with its processor (AutoProcessor), not only its tokenizer; "
                              "with the model and tokenizer given, emloc takes text only")
-        else:
-            raise EMLoCError(f"{where}: unknown content part type {kind!r}; use 'text', 'image' or 'video'")
     if not items:
         return "".join(p["text"] for p in parts), []
     return parts, items
@@ -112,6 +154,25 @@ class ChatRenderer:
         if not getattr(self.tokenizer, "is_fast", True):
             raise EMLoCError("emloc needs a fast (Rust) tokenizer to locate answer spans by offsets")
         self._system_head = None
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}) or {}
+        self._control_ids = {i for i, token in added.items() if getattr(token, "special", False)}
+        self._control_ids |= set(getattr(self.tokenizer, "all_special_ids", []) or [])
+
+    def check_user_text(self, text: str, where: str) -> None:
+        """Raise EMLoCError if user text (a demo's input or output, a system message, a query)
+        holds one of the tokenizer's control tokens (e.g. "<|im_end|>"): rendered, it would become
+        a real turn marker, so demo data could inject fake turns. Such text is refused, never
+        silently changed."""
+        check_text(text, where)
+        if not self._control_ids:
+            return
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        found = [i for i in ids if i in self._control_ids]
+        if found:
+            token = self.tokenizer.convert_ids_to_tokens(found[0])
+            raise EMLoCError(f"{where}: the text contains {token!r}, a control token of this tokenizer; "
+                             "it would be read as chat structure, not as text. Remove it or break it up "
+                             f"(e.g. {' '.join(token)!r})")
 
     # -- template calls -------------------------------------------------------------------
     def _template(self, messages, generation_prompt: bool) -> str:
@@ -127,6 +188,7 @@ class ChatRenderer:
         if system is None:
             return self._template(messages, generation_prompt)
         if system is not False:
+            self.check_user_text(system, "system")
             return self._template([{"role": "system", "content": system}] + messages, generation_prompt)
         head = self._system_only_head()
         full = self._template([{"role": "system", "content": _SYSTEM_SENTINEL}] + messages,
@@ -178,7 +240,9 @@ class ChatRenderer:
         """
         messages, media = [], []
         for i, demo in enumerate(demos):
-            content, items = message_content(demo["input"], f"demo {i} input", self.media)
+            content, items = message_content(demo["input"], f"demo {i} input", self.media,
+                                             special=self.check_user_text)
+            self.check_user_text(demo["output"], f"demo {i} output")
             messages.append({"role": "user", "content": content})
             messages.append({"role": "assistant", "content": demo["output"]})
             media += items
@@ -210,7 +274,7 @@ class ChatRenderer:
 
     def query(self, content) -> RenderedSequence:
         """A query (no answer spans): no system message, with the generation prompt."""
-        content, media = message_content(content, "query", self.media)
+        content, media = message_content(content, "query", self.media, special=self.check_user_text)
         text = self._expand(self._render([{"role": "user", "content": content}], False, True), media, "query")
         return RenderedSequence(self._tokenize(text)[0], [], media)
 
@@ -222,14 +286,20 @@ class ChatRenderer:
             parts = [{"type": p["type"], p["type"]: self.media.prepare(p, where)}
                      if isinstance(p, dict) and p.get("type") in KINDS else p for p in demo["input"]]
             demo = {**demo, "input": parts}
-        message_content(demo["input"], where, self.media)
+        message_content(demo["input"], where, self.media, special=self.check_user_text)
         return demo
 
     def check(self, content, where: str) -> None:
         """Raise EMLoCError for a demo input or query that cannot be rendered, without processing
         its images (cheap: run over every demo before compressing)."""
-        message_content(content, where, self.media, prepare=False)
+        message_content(content, where, self.media, prepare=False, special=self.check_user_text)
+
+    def check_demo(self, demo: dict, where: str) -> None:
+        """check() of a demo's input, and its output checked as user text."""
+        self.check(demo["input"], f"{where} input")
+        self.check_user_text(demo["output"], f"{where} output")
 
     def text_ids(self, text: str) -> list:
-        """Plain token ids of a continuation string (no template, no special tokens)."""
+        """Plain token ids of a continuation string (no template; control tokens refused)."""
+        self.check_user_text(text, "continuation")
         return self._tokenize(text)[0]
