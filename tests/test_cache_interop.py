@@ -189,3 +189,56 @@ def test_memory_of_another_model_is_refused(llama_memory):
     comp, memory = llama_memory
     with pytest.raises(emloc.EMLoCError, match="another model"):
         memory.as_cache(tiny_model("llama", n_layers=3, std=0.2, seed=8))
+
+
+# -- EMLoC.generate with transformers' options ---------------------------------------------------
+class Forbid:
+    """A logits processor that forbids one token."""
+
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.token] = float("-inf")
+        return scores
+
+
+class StopAfter:
+    """A stopping criterion: stop once `n` tokens were generated after `prompt` ids."""
+
+    def __init__(self, prompt, n):
+        self.prompt, self.n = prompt, n
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - self.prompt >= self.n, dtype=torch.bool)
+
+
+def test_generate_with_transformers_options_matches_emloc_decoding(llama_memory, capsys):
+    comp, memory = llama_memory
+    tok = comp.tokenizer
+    plain = comp.generate(memory, QUERIES, max_new_tokens=10)
+    assert comp.generate(memory, QUERIES, generation_config=GenerationConfig(max_new_tokens=10)) == plain
+    streamed = comp.generate(memory, QUERIES[0], max_new_tokens=10,
+                             streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+    assert streamed == plain[0]
+    assert capsys.readouterr().out.strip() == plain[0]  # the streamer printed exactly the answer
+    first = emloc_tokens(comp, memory, QUERIES[:1], 1)[0][0]
+    forbidden = comp.generate(memory, QUERIES[0], max_new_tokens=10, logits_processor=[Forbid(first)])
+    assert forbidden != plain[0]
+    prompt = comp.query_inputs(memory, QUERIES[0], cache=False)["input_ids"].shape[1]
+    short = comp.generate(memory, QUERIES[0], max_new_tokens=10, stopping_criteria=[StopAfter(prompt, 2)])
+    assert short == tok.decode(emloc_tokens(comp, memory, QUERIES[:1], 2)[0], skip_special_tokens=True).strip()
+    several = comp.generate(memory, QUERIES[:2], max_new_tokens=4, do_sample=True, seed=1, num_return_sequences=3)
+    assert len(several) == 2 and all(len(answers) == 3 for answers in several)
+    assert several == comp.generate(memory, QUERIES[:2], max_new_tokens=4, do_sample=True, seed=1,
+                                    num_return_sequences=3)  # seeded: reproducible
+
+
+def test_generate_options_mistakes_are_refused(llama_memory):
+    comp, memory = llama_memory
+    with pytest.raises(emloc.EMLoCError, match="one query at a time"):
+        comp.generate(memory, QUERIES, streamer=TextStreamer(comp.tokenizer))
+    with pytest.raises(emloc.EMLoCError, match="GenerationConfig"):
+        comp.generate(memory, QUERIES[0], generation_config={"max_new_tokens": 3})
+    with pytest.raises(emloc.EMLoCError, match="num_return_sequences"):
+        comp.generate(memory, QUERIES[0], num_return_sequences=0)

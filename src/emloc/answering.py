@@ -8,6 +8,9 @@ a layer is read where it lives, on that layer's device.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import torch
 
 from .attention import OwnKVCache, PrefixPlan
@@ -183,3 +186,51 @@ def generate_batch(adapter, memory, rows: list, stop_ids: set, pad_id: int, max_
         positions = (positions.amax(dim=(0, 2))[None, :, None].repeat(a.position_dims, 1, 1) + 1
                      if step == 0 else positions + 1)
     return outputs
+
+
+def decoding_config(generation_config, stop_ids: set, pad_id: int, num_return_sequences=1, **fields):
+    """The transformers GenerationConfig of an EMLoC.generate call that runs model.generate:
+    a copy of `generation_config` (default: greedy, 32 new tokens), stopping at stop_ids unless
+    it names its own eos_token_id, with the non-None `fields` (max_new_tokens, do_sample,
+    temperature, top_k, top_p) set over it."""
+    from transformers import GenerationConfig
+
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise EMLoCError(f"generation_config must be a transformers GenerationConfig, got "
+                         f"{type(generation_config).__name__}")
+    config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    if generation_config is None or generation_config.max_new_tokens is None:
+        config.max_new_tokens = 32
+    if config.eos_token_id is None:
+        config.eos_token_id = sorted(stop_ids)
+    if config.pad_token_id is None:
+        config.pad_token_id = pad_id
+    for name, value in fields.items():
+        if value is not None:
+            setattr(config, name, value)
+    if num_return_sequences != 1:
+        if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+            raise EMLoCError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
+        config.num_return_sequences = num_return_sequences
+    return config
+
+
+@contextlib.contextmanager
+def seeded(device, seed, do_sample: bool):
+    """Inside, torch's global generators (CPU and `device`) start from `seed` (0 when None) if
+    sampling; their previous state is restored on exit."""
+    if not do_sample:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0 if seed is None else seed)
+        yield
+
+
+def until_stop(ids: list, stop_ids: set) -> list:
+    """ids up to and including the first token of stop_ids (what follows is generate's padding)."""
+    for i, t in enumerate(ids):
+        if t in stop_ids:
+            return ids[:i + 1]
+    return ids

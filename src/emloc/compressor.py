@@ -5,7 +5,9 @@ import sys
 
 import torch
 
-from .answering import Sampler, cache_inputs, generate_batch, query_logits
+from .answering import (Sampler, cache_inputs, decoding_config, generate_batch, query_logits, seeded,
+                        until_stop)
+from .attention import routed
 from .cache import cache_keyword
 from .chunk_compression import ChunkCompressor
 from .errors import EMLoCError
@@ -153,39 +155,68 @@ class EMLoC:
             self._stop = stop
         return self._stop
 
-    def generate(self, memory, query, max_new_tokens=32, do_sample=False, temperature=1.0, seed=None,
-                 top_k=None, top_p=None):
+    def generate(self, memory, query, max_new_tokens=None, do_sample=None, temperature=None, seed=None,
+                 top_k=None, top_p=None, generation_config=None, streamer=None, logits_processor=None,
+                 stopping_criteria=None, num_return_sequences=1, **generate_kwargs):
         """Answer one query (-> str) or a list of queries (-> list[str], one padded batch).
 
         Greedy unless do_sample=True, which samples from softmax(logits / temperature), restricted
         to the top_k most likely tokens and/or the smallest set of probability >= top_p, with a
         generator seeded by `seed` (0 when None). Each row stops at its end-of-turn token or after
-        max_new_tokens; the memory is read in place and never changed.
+        max_new_tokens (default 32); the memory is read in place and never changed.
+
+        transformers' options (a GenerationConfig, streamer=, logits_processor=,
+        stopping_criteria=, num_return_sequences=, or any other keyword of model.generate) run
+        model.generate on memory.as_cache (the same tokens as emloc's own decoding when greedy);
+        the keywords above override the config's fields; it stops at the end-of-turn token unless
+        the config names its eos_token_id. num_return_sequences=n > 1 returns n answers per query
+        (a list for one query, a list of lists for several).
         """
         self._check_memory(memory)
         single = not isinstance(query, (list, tuple)) or (query and isinstance(query[0], dict))
         queries = [query] if single else list(query)
         if not queries:
             raise EMLoCError("no queries given")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens < 1):
             raise EMLoCError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if do_sample not in (True, False):
+        if do_sample not in (True, False, None):
             raise EMLoCError(f"do_sample must be True or False, got {do_sample!r}")
         t = temperature  # checked even when greedy: a wrong value is a mistake either way
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf")):
             raise EMLoCError(f"temperature must be a finite number > 0, got {temperature!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise EMLoCError(f"seed must be an integer >= 0 or None, got {seed!r}")
-        sampler = Sampler(do_sample, temperature, top_k, top_p)
         rows = [self.renderer.query(q) for q in queries]
-        if do_sample:
-            sampler.seed(self.adapter.device, 0 if seed is None else seed)
         stop = self._stop_ids()
-        with self.adapter.emloc_attention():
-            outputs = generate_batch(self.adapter, memory, rows, stop, self.pad_id, max_new_tokens,
-                                     sampler, self.settings.backend)
+        transformers_options = (generation_config, streamer, logits_processor, stopping_criteria)
+        if any(o is not None for o in transformers_options) or num_return_sequences != 1 or generate_kwargs:
+            config = decoding_config(generation_config, stop, self.pad_id, max_new_tokens=max_new_tokens,
+                                     do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     num_return_sequences=num_return_sequences)
+            if streamer is not None and len(rows) > 1:
+                raise EMLoCError("a streamer takes one query at a time (transformers' streamers are batch 1)")
+            inputs = cache_inputs(self.adapter, memory, rows, self.pad_id)
+            inputs[cache_keyword(self.model)] = memory.as_cache(self.model, backend=self.settings.backend)
+            with routed(self.model), torch.inference_mode(), seeded(self.adapter.device, seed, config.do_sample):
+                out = self.model.generate(**inputs, generation_config=config, streamer=streamer,
+                                          logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                                          **generate_kwargs)
+            outputs = [until_stop(row, stop) for row in out[:, inputs["input_ids"].shape[1]:].tolist()]
+            n = config.num_return_sequences or 1
+        else:
+            sampler = Sampler(bool(do_sample), 1.0 if temperature is None else temperature, top_k, top_p)
+            if do_sample:
+                sampler.seed(self.adapter.device, 0 if seed is None else seed)
+            with self.adapter.emloc_attention():
+                outputs = generate_batch(self.adapter, memory, rows, stop, self.pad_id,
+                                         32 if max_new_tokens is None else max_new_tokens, sampler,
+                                         self.settings.backend)
+            n = 1
         texts = [self.tokenizer.decode([t for t in out if t not in stop], skip_special_tokens=True).strip()
                  for out in outputs]
+        if n > 1:
+            texts = [texts[i:i + n] for i in range(0, len(texts), n)]
         return texts[0] if single else texts
 
     def logits(self, memory, query, continuation=None) -> torch.Tensor:
