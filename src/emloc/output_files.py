@@ -62,6 +62,8 @@ def check_writable(path: Path) -> None:
     """Raise EMLoCError unless a file can be created beside `path` (its folder exists and is
     writable): the check runs before any work, so a bad destination costs nothing."""
     folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise EMLoCError(f"cannot write {path}: {folder} is a file, not a folder")
     if not folder.is_dir():
         raise EMLoCError(f"cannot write {path}: the folder {folder} does not exist (emloc does not "
                          "create folders; make it first)")
