@@ -242,3 +242,20 @@ def test_generate_options_mistakes_are_refused(llama_memory):
         comp.generate(memory, QUERIES[0], generation_config={"max_new_tokens": 3})
     with pytest.raises(emloc.EMLoCError, match="num_return_sequences"):
         comp.generate(memory, QUERIES[0], num_return_sequences=0)
+
+
+# -- the registered pipeline ------------------------------------------------------------------
+def test_pipeline_answers_from_a_memory_and_batches_lists(llama_memory, monkeypatch):
+    from transformers import pipeline
+
+    comp, memory = llama_memory
+    pipe = pipeline("emloc-text-generation", model=comp.model, tokenizer=comp.tokenizer)
+    expected = comp.generate(memory, QUERIES, max_new_tokens=6)
+    assert pipe(QUERIES[1], memory=memory, max_new_tokens=6) == [{"generated_text": expected[1]}]
+    calls = []
+    real = pipe.emloc.generate
+    monkeypatch.setattr(pipe.emloc, "generate", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    assert pipe(QUERIES, memory=memory, max_new_tokens=6) == [[{"generated_text": e}] for e in expected]
+    assert calls == [QUERIES]  # the list went to generate as one batch
+    with pytest.raises(emloc.EMLoCError, match="memory="):
+        pipe(QUERIES[0])

@@ -5,5 +5,7 @@ from .errors import EMLoCError
 from .memory import TaskMemory
 from .settings import Settings
 
+from . import pipeline  # registers the "emloc-text-generation" transformers pipeline
+
 __all__ = ["EMLoC", "EMLoCError", "Settings", "TaskMemory", "routed"]
 __version__ = "0.1.0"
