@@ -145,15 +145,17 @@ class MemoryCache(Cache):
     read: any number of caches may share it, and it is bit-identical after they are used.
     """
 
-    def __init__(self, memory, model, backend: str = "auto"):
+    def __init__(self, memory, model, backend: str = "auto", check_model: bool = True):
+        """check_model=False skips comparing the memory's fingerprint with the model's (for
+        callers that already did, like EMLoC)."""
         from .memory import fingerprint_diff, model_part
         from .vision_language import adapter_for
 
-        adapter = adapter_for(model)
-        diff = fingerprint_diff(model_part(memory.fingerprint), adapter.fingerprint())
-        if diff:
-            raise EMLoCError(f"this memory was compressed with another model (memory vs this model: "
-                             f"{diff}); compress again with this one")
+        if check_model:
+            diff = fingerprint_diff(model_part(memory.fingerprint), adapter_for(model).fingerprint())
+            if diff:
+                raise EMLoCError(f"this memory was compressed with another model (memory vs this "
+                                 f"model: {diff}); compress again with this one")
         super().__init__(layers=[MemoryLayer(self, k, v) for k, v in memory.kv()])
         self.offset, self.backend = memory.offset, backend
         self._configs = attention_configs(model)

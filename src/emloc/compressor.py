@@ -8,7 +8,7 @@ import torch
 from .answering import (Sampler, cache_inputs, decoding_config, generate_batch, query_logits, seeded,
                         until_stop)
 from .attention import routed
-from .cache import cache_keyword
+from .cache import MemoryCache, cache_keyword
 from .chunk_compression import ChunkCompressor
 from .errors import EMLoCError
 from .memory import (TOKENIZER_KEY, TaskMemory, empty_layers, fingerprint_diff, model_part,
@@ -197,7 +197,8 @@ class EMLoC:
             if streamer is not None and len(rows) > 1:
                 raise EMLoCError("a streamer takes one query at a time (transformers' streamers are batch 1)")
             inputs = cache_inputs(self.adapter, memory, rows, self.pad_id)
-            inputs[cache_keyword(self.model)] = memory.as_cache(self.model, backend=self.settings.backend)
+            inputs[cache_keyword(self.model)] = MemoryCache(memory, self.model, self.settings.backend,
+                                                            check_model=False)
             with routed(self.model), torch.inference_mode(), seeded(self.adapter.device, seed, config.do_sample):
                 out = self.model.generate(**inputs, generation_config=config, streamer=streamer,
                                           logits_processor=logits_processor, stopping_criteria=stopping_criteria,
@@ -246,7 +247,8 @@ class EMLoC:
             raise EMLoCError("no queries given")
         inputs = cache_inputs(self.adapter, memory, [self.renderer.query(q) for q in queries], self.pad_id)
         if cache:
-            inputs[cache_keyword(self.model)] = memory.as_cache(self.model, backend=self.settings.backend)
+            inputs[cache_keyword(self.model)] = MemoryCache(memory, self.model, self.settings.backend,
+                                                            check_model=False)
         return inputs
 
     def full_inputs(self, demos, query, system=None) -> dict:
