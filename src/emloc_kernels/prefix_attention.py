@@ -28,13 +28,11 @@ converted to fp32 on load (the interpreter's bf16 arithmetic is wrong).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import resolve_backend, triton_interpreted
+from ._backend import cuda_arch, multiprocessors, resolve_backend, triton_interpreted
 
 DECODE_MAX_LQ = 4
 MAX_HEAD_DIM = 256
@@ -345,29 +343,30 @@ def _new_buffer(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _launch_config(dtype, head_dim, rows, max_block_m=128):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for programs that each handle up to `rows` rows.
+def _launch_config(dtype, head_dim, rows, arch, decode):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for programs that each handle up to `rows` rows,
+    on a GPU of compute capability `arch` x 10 (None under the interpreter).
 
-    Sizes checked on sm_90 for no register spills (fp32 uses the IEEE FMA dot: small tiles).
+    Checked with `python -m emloc_kernels.aot` (compiled for sm_80 and sm_90: no spills, shared
+    memory within limits). fp32 uses the IEEE FMA dot: small tiles. 16-bit prefill: 128 x 64
+    tiles, but 128 x 32 on sm_8x, where 128 x 64 spills (255 registers, 72 B stack). Decode:
+    64 x 32, so that two programs fit on an SM (64 x 64 takes 193 KiB of shared memory on sm_90:
+    the memory and own-key loops each keep their own pipeline buffers).
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if triton_interpreted():
         block_m, block_n, stages = 32, 16, 1
     elif dtype == torch.float32:
         block_m, block_n, stages = (32, 16, 2) if block_d <= 128 else (16, 16, 1)
+    elif block_d > 128:
+        block_m, block_n, stages = 64, 32, 2
+    elif decode:
+        block_m, block_n, stages = 64, 32, 3
     else:
-        block_m, block_n, stages = (128, 64, 3) if block_d <= 128 else (64, 32, 2)
-    block_m = min(block_m, max_block_m, max(16, triton.next_power_of_2(rows)))
+        block_m, block_n, stages = 128, 32 if arch is not None and arch < 90 else 64, 3
+    block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
     warps = 8 if block_m * block_d * torch.finfo(dtype).bits // 8 >= 16384 else 4
     return block_m, block_n, warps, stages
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device):
-    """Streaming multiprocessors of a CUDA device (a small number under the interpreter)."""
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _split_lengths(M, Lk, sharers, block_n, device, split_keys):
@@ -380,7 +379,7 @@ def _split_lengths(M, Lk, sharers, block_n, device, split_keys):
     if split_keys is None:
         work = sharers[0] * M + sharers[1] * Lk  # keys read, summed over programs
         min_keys = block_n if triton_interpreted() else 2 * block_n
-        split_keys = max(min_keys, triton.cdiv(work, 2 * _multiprocessors(device)))
+        split_keys = max(min_keys, triton.cdiv(work, 2 * (multiprocessors(device) or 4)))
     lengths = []
     for keys in (M, Lk):
         length = max(split_keys, triton.cdiv(keys, MAX_SPLITS))
@@ -419,7 +418,8 @@ def prefix_attention_triton(q, mem_k, mem_v, own_k, own_v, own_valid=None, scale
     qk_scale = scale * _LOG2E
 
     if not (Lq <= DECODE_MAX_LQ if form == "auto" else form == "decode"):
-        block_m, block_n, warps, stages = _launch_config(q.dtype, D, G * Lq)
+        block_m, block_n, warps, stages = _launch_config(q.dtype, D, G * Lq, cuda_arch(q.device),
+                                                          decode=False)
         _prefill_kernel[(triton.cdiv(G * Lq, block_m), B * Hkv)](
             q, mem_k, mem_v, own_k, own_v, valid, out, qk_scale, Hkv, Lq, Lk, M,
             *strides, *out.stride(),
@@ -427,7 +427,8 @@ def prefix_attention_triton(q, mem_k, mem_v, own_k, own_v, own_valid=None, scale
         return out
 
     n_rows = B * Lq * G
-    block_m, block_n, warps, stages = _launch_config(q.dtype, D, n_rows, max_block_m=64)
+    block_m, block_n, warps, stages = _launch_config(q.dtype, D, n_rows, cuda_arch(q.device),
+                                                      decode=True)
     mem_tiles = triton.cdiv(n_rows, block_m)
     own_tiles = triton.cdiv(G * Lq, block_m)
     mem_len, own_len = _split_lengths(M, Lk, (Hkv * mem_tiles, Hkv * B * own_tiles), block_n,
