@@ -259,3 +259,34 @@ def test_pipeline_answers_from_a_memory_and_batches_lists(llama_memory, monkeypa
     assert calls == [QUERIES]  # the list went to generate as one batch
     with pytest.raises(emloc.EMLoCError, match="memory="):
         pipe(QUERIES[0])
+
+
+def test_set_attn_implementation_emloc_routes_for_good():
+    comp, memory = compressed("qwen3")
+    comp.model.set_attn_implementation("emloc")
+    with torch.no_grad():
+        logits = comp.model(**comp.query_inputs(memory, QUERIES[2])).logits[0, -1].float()
+    assert (logits - comp.logits(memory, QUERIES[2])[0]).abs().max() <= 1e-4
+
+
+def test_custom_4d_masks_other_than_causal_are_refused(llama_memory):
+    comp, memory = llama_memory
+    inputs = comp.query_inputs(memory, QUERIES[1])
+    T = inputs["input_ids"].shape[1]
+    inputs["attention_mask"] = torch.ones(1, 1, T, T, dtype=torch.bool)  # bidirectional over the query
+    with emloc.routed(comp.model), pytest.raises(emloc.EMLoCError, match="causal"):
+        comp.model(**inputs)
+
+
+def test_crop_removes_new_tokens_only(llama_memory):
+    comp, memory = llama_memory
+    inputs = comp.query_inputs(memory, QUERIES[0])
+    cache = next(v for k, v in inputs.items() if k in ("cache", "past_key_values"))
+    with emloc.routed(comp.model), torch.no_grad():
+        comp.model(**inputs)
+    T = inputs["input_ids"].shape[1]
+    assert cache.get_seq_length() == memory.offset + T
+    cache.crop(-2)
+    assert cache.get_seq_length() == memory.offset + T - 2 and cache.layers[1].keys.shape[2] == T - 2
+    with pytest.raises(emloc.EMLoCError, match="never cropped"):
+        cache.crop(-T)

@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "query: answering speed from a memory vs the full context (bench/query.py);\n"
                 "compress, fidelity: bench/compress.py, bench/fidelity.py. Arguments after the name\n"
                 "go to the benchmark, e.g. `emloc bench query --demos 32 --batch-sizes 1`.")
-    b.add_argument("what", choices=["kernels", "compress", "query", "fidelity"])
+    b.add_argument("what", choices=["kernels", "compress", "query", "fidelity", "interop"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
     b.set_defaults(func=cmd_bench)
     return p
