@@ -8,6 +8,7 @@ import hashlib
 import json
 import random
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,5 @@ def test_every_mutation_is_refused_or_loads_identical(original, tmp_path):
     print(f"\nfuzz: {tried} mutations, {refused} refused, {no_ops} loaded identical (no-ops)")
     assert tried >= 1000 and not accepted_changed, [k for k, _ in accepted_changed]
     assert refused >= 0.95 * tried
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert f"{tried:,} random mutations" in " ".join(readme.split())  # the count the README quotes

@@ -6,17 +6,14 @@ counts are printed by test_counts. A case passes only if the mistake is refused 
 (never another exception: no raw traceback; never accepted: no silent acceptance) and every
 file the case names as protected is byte-identical afterwards (no lost file).
 """
-import errno
 import hashlib
 import json
 import math
-import os
 import resource
 import signal
-import sys
+from pathlib import Path
 
 import pytest
-import torch
 import transformers
 
 import emloc
@@ -361,6 +358,10 @@ def test_counts(capsys):
         print(f"\nbad inputs tried: {len(API_MISTAKES)} through the Python API, {len(CLI_MISTAKES)} on the "
               f"command line, {len(API_MISTAKES) + len(CLI_MISTAKES) + 1} in all (with the mid-answer failure)")
     assert len(API_MISTAKES) + len(CLI_MISTAKES) >= 60
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    claim = (f"({len(API_MISTAKES) + len(CLI_MISTAKES) + 1}: {len(API_MISTAKES)} through Python, "
+             f"{len(CLI_MISTAKES)} on the command line")
+    assert claim in " ".join(readme.split()), f"README should say {claim}"
 
 
 # -- control tokens of the real bundled tokenizer ---------------------------------------------------

@@ -185,7 +185,7 @@ def validate_header(header, where: str) -> None:
     for key in ("architecture", "model_type", "weights_sha256"):
         if not isinstance(fp.get(key), str):
             fail(f"the fingerprint's {key} is {fp.get(key)!r}, not a string")
-    if fp.get("dtype") not in DTYPE_NAMES:
+    if not isinstance(fp.get("dtype"), str) or fp["dtype"] not in DTYPE_NAMES:
         fail(f"the fingerprint's dtype {fp.get('dtype')!r} is not one of {sorted(DTYPE_NAMES)}")
     if not isinstance(fp.get("tokenizer", {}), dict):
         fail("the tokenizer fingerprint is not an object")
