@@ -1,4 +1,4 @@
-"""EMLoC: the public compressor (see shared API.md for the contract)."""
+"""EMLoC: the public compressor (docs/API.md is the contract)."""
 from __future__ import annotations
 
 import sys
