@@ -290,3 +290,24 @@ def test_crop_removes_new_tokens_only(llama_memory):
     assert cache.get_seq_length() == memory.offset + T - 2 and cache.layers[1].keys.shape[2] == T - 2
     with pytest.raises(emloc.EMLoCError, match="never cropped"):
         cache.crop(-T)
+
+
+# -- the bundled SmolLM2 ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_bundled_smollm2_through_the_cache_equals_emloc():
+    from emloc.demo import load_task
+    from real_model import smollm2
+
+    model, tokenizer = smollm2()
+    rows = load_task()
+    comp = emloc.EMLoC(model, tokenizer, demos_per_chunk=3, progress=False)
+    memory = comp.compress(rows[:3], system="Answer with the name of the capital city only.")
+    queries = [r["input"] for r in rows[3:5]]
+    inputs = comp.query_inputs(memory, queries)
+    with emloc.routed(model), torch.no_grad():
+        logits = model(**inputs).logits[:, -1].float()
+    for b, query in enumerate(queries):
+        assert (logits[b] - comp.logits(memory, query)[0]).abs().max() <= 1e-4
+    expected = emloc_tokens(comp, memory, queries, 8)
+    got = hf_generate(comp, memory, queries, max_new_tokens=8, do_sample=False)
+    assert [trim(g, comp._stop_ids(), comp.pad_id) for g in got] == expected
