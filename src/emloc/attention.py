@@ -185,15 +185,21 @@ class PrefixPlan:
     own_valid  [B, T_own] bool, False at padding (None: no padding); covers cached rows too
     own_cache  OwnKVCache for decoding, or None when the call sees only its own new tokens
     record     a list of length n_layers to receive each layer's new (keys, values), or None
+    queries    a list of length n_layers to receive each layer's (queries [Hq, query_tail, D]
+               of the last query_tail positions of row 0, scale), or None
     """
 
-    def __init__(self, memory, own_valid=None, own_cache=None, record=None, backend="auto"):
+    def __init__(self, memory, own_valid=None, own_cache=None, record=None, backend="auto",
+                 queries=None, query_tail=0):
         self.memory, self.own_valid, self.own_cache = memory, own_valid, own_cache
         self.record, self.backend = record, backend
+        self.queries, self.query_tail = queries, query_tail
 
     def attend(self, layer, q, k, v, scale):
         if self.record is not None:
             self.record[layer] = (k, v)
+        if self.queries is not None:
+            self.queries[layer] = (q[0, :, -self.query_tail:], scale)
         if self.own_cache is not None:
             k, v = self.own_cache.append(layer, k, v)
         mem_k, mem_v = self.memory[layer]

@@ -12,8 +12,10 @@ import torch
 from emloc_kernels import TeacherJS, rank_tokens
 
 from .attention import CandidateProbePlan, PrefixPlan, ProbePlan
+from .baseline_scores import snapkv_index, streaming_index, tova_index
 from .errors import EMLoCError
 from .rendering import RenderedSequence
+from .settings import ONE_PREFILL_METHODS
 from .vision_language import TOKEN_TYPES
 
 
@@ -68,53 +70,88 @@ class ProbeBatch:
 
 
 class ChunkCompressor:
-    """Compresses chunks into a TaskMemory with the settings' method."""
+    """Compresses chunks into a TaskMemory with the settings' method.
+
+    One instance serves one compression: with settings.lookback_chunks it keeps the full
+    keys/values of the last chunks (see `_context`).
+    """
 
     def __init__(self, adapter, settings, pad_id: int):
         self.adapter, self.settings, self.pad_id = adapter, settings, pad_id
         self.backend = settings.backend
+        self._recent = []  # per recent chunk: (its full (keys, values) per layer, kept rows per layer)
 
-    def compress(self, memory, chunk: RenderedSequence, probe_rows: list) -> dict:
-        """Append chunk `chunk` (with its demos alone in `probe_rows`) to `memory`; return stats."""
+    def _context(self, memory) -> list:
+        """Per layer (keys, values) [Hkv, M, D] that the chunk attends to: the memory, except that
+        the rows of the last lookback_chunks chunks are replaced by those chunks' full keys/values
+        (a copy then; without lookback, views of the memory)."""
+        if not self._recent:
+            return memory.kv()
+        context = []
+        for l, (keys, values) in enumerate(memory.kv()):
+            older = keys.shape[1] - sum(kept[l] for _, kept in self._recent)
+            context.append((torch.cat([keys[:, :older]] + [kv[l][0] for kv, _ in self._recent], dim=1),
+                            torch.cat([values[:, :older]] + [kv[l][1] for kv, _ in self._recent], dim=1)))
+        return context
+
+    def _remember(self, chunk_kv, kept: list) -> None:
+        """Keep this chunk's full keys/values for the next lookback_chunks chunks."""
+        lookback = self.settings.lookback_chunks
+        if lookback == 0:
+            return
+        self._recent.append((chunk_kv, kept))
+        if lookback != "all" and len(self._recent) > lookback:
+            self._recent.pop(0)
+
+    def compress(self, memory, chunk: RenderedSequence, probe_rows: list, keep_whole=False) -> dict:
+        """Append chunk `chunk` (with its demos alone in `probe_rows`) to `memory`, every token
+        when keep_whole (one of the recent chunks); return stats."""
         t0 = time.perf_counter()
         a, s = self.adapter, self.settings
         chunk_len = len(chunk.ids)
         chunk_positions = a.relative_positions(chunk)
-        chunk_kv = self._prefill(memory, chunk, chunk_positions)
+        context = self._context(memory)
+        one_prefill = s.method in ONE_PREFILL_METHODS
+        tail = {"snapkv": s.window, "tova": 1}.get(s.method, 0)  # queries the baseline scores use
+        chunk_kv, tail_queries = self._prefill(context, memory.offset, chunk, chunk_positions, query_tail=tail)
         # the next chunk continues after the chunk's last token (a text token: the end of a turn);
         # this is where the full sequence's own position ids put it, M-RoPE included
         next_offset = memory.offset + int(chunk_positions[:, -1].max()) + 1
         self._check_fits(memory.offset + int(chunk_positions.max()) + 1, "the chunk")
         # per layer: (index [Hkv, k] or None = keep all, ratio, JS of the accepted test, tests run)
-        if s.method == "full" or (s.method == "emloc" and s.tolerance == 0):
+        if keep_whole or s.method == "full" or (s.method == "emloc" and s.tolerance == 0):
             decisions = [(None, 1.0, None, 0)] * a.n_layers
+        elif one_prefill:
+            decisions = self._baseline(chunk_kv, tail_queries)
         else:
             probe = ProbeBatch(probe_rows, next_offset, self.pad_id, a)
             self._check_fits(int(probe.positions[:, probe.valid].max()) + 1, "the chunk's probe rows")
             protected = torch.tensor(chunk.answer_mask, device=a.device)
-            layer_inputs, scores, teacher = self._probe(memory, chunk_kv, probe)
+            layer_inputs, scores, teacher = self._probe(context, chunk_kv, probe)
             if s.method == "emloc":
-                decisions = self._search(memory, chunk_kv, probe, protected, layer_inputs, scores, teacher)
+                decisions = self._search(context, chunk_kv, probe, protected, layer_inputs, scores, teacher)
             else:
                 decisions = self._fixed_schedule(chunk_len, protected, scores)
         modality = a.token_types(torch.tensor(chunk.ids))  # None for text models
-        layer_stats = []
+        layer_stats, kept_rows = [], []
         for l, (index, ratio, js, tests) in enumerate(decisions):
             keys, values = chunk_kv[l]
             if index is None:
                 index = torch.arange(chunk_len, device=keys.device)[None].expand(a.n_kv_heads, -1)
             memory.layers[l].append(keys, values, index, backend=self.backend)
+            kept_rows.append(int(index.shape[1]))
             layer_stats.append({"layer": l, "kept": int(index.shape[1]), "ratio": ratio,
                                 "js": js, "tests": tests})
             if modality is not None:  # kept media tokens, averaged over KV heads
                 kept = modality.to(index.device)[index]
                 layer_stats[-1].update({f"kept_{kind}": float((kept == code).sum()) / a.n_kv_heads
                                         for kind, code in TOKEN_TYPES.items()})
+        self._remember(chunk_kv, kept_rows)
         positions_used = next_offset - memory.offset
         memory.offset = next_offset
         memory.context_length += chunk_len
         stats = {"tokens": chunk_len, "positions": positions_used, "demos": len(probe_rows),
-                 "seconds": time.perf_counter() - t0, "layers": layer_stats}
+                 "kept_whole": keep_whole, "seconds": time.perf_counter() - t0, "layers": layer_stats}
         if modality is not None:
             stats.update({f"{kind}_tokens": int((modality == code).sum()) for kind, code in TOKEN_TYPES.items()})
         return stats
@@ -126,26 +163,28 @@ class ChunkCompressor:
                              f"{self.adapter.max_positions} positions; use fewer or shorter demos")
 
     # -- step 1: chunk prefill --------------------------------------------------------------
-    def _prefill(self, memory, chunk: RenderedSequence, chunk_positions) -> list:
-        """Run the chunk (own positions [P, Lc]) over the memory; return per layer its (keys,
-        values) [Hkv, Lc, D]."""
+    def _prefill(self, context, offset: int, chunk: RenderedSequence, chunk_positions, query_tail=0):
+        """Run the chunk (own positions [P, Lc], placed at `offset`) over `context` (per layer
+        (keys, values)); return (per layer its (keys, values) [Hkv, Lc, D], per layer (queries
+        [Hq, query_tail, D] of its last positions, scale) or None when query_tail is 0)."""
         a = self.adapter
         ids_t = torch.tensor([chunk.ids], device=a.device)
-        positions = (memory.offset + chunk_positions[:, None, :]).to(a.device)
+        positions = (offset + chunk_positions[:, None, :]).to(a.device)
         hidden = a.embed(ids_t, [chunk])
         record = [None] * a.n_layers
-        plan = PrefixPlan(memory.kv(), record=record, backend=self.backend)
+        queries = [None] * a.n_layers if query_tail else None
+        plan = PrefixPlan(context, record=record, backend=self.backend, queries=queries, query_tail=query_tail)
         a.run_layers(hidden, positions, a.rotary(hidden, positions), 0, a.n_layers, plan)
-        return [(k[0], v[0]) for k, v in record]
+        return [(k[0], v[0]) for k, v in record], queries
 
     # -- step 2-3: probe pass with importance scores ----------------------------------------
-    def _probe(self, memory, chunk_kv, probe: ProbeBatch):
+    def _probe(self, context, chunk_kv, probe: ProbeBatch):
         """Returns (layer inputs [B, L, H] per layer, scores [Hkv, Lc] per layer, teacher [N, H])."""
         a = self.adapter
         hidden = a.embed(probe.ids, probe.rows)
         self._rotary = a.rotary(hidden, probe.positions)
         layer_inputs, scores = [None] * a.n_layers, {}
-        plan = ProbePlan(memory.kv(), dict(enumerate(chunk_kv)), probe.valid, probe.observer,
+        plan = ProbePlan(context, dict(enumerate(chunk_kv)), probe.valid, probe.observer,
                          scores=scores, backend=self.backend)
         out = a.run_layers(hidden, probe.positions, self._rotary, 0, a.n_layers, plan,
                            on_layer_input=layer_inputs.__setitem__)
@@ -153,7 +192,7 @@ class ChunkCompressor:
         return layer_inputs, scores, teacher
 
     # -- step 4: top-down search -------------------------------------------------------------
-    def _search(self, memory, chunk_kv, probe, protected, layer_inputs, scores, teacher) -> list:
+    def _search(self, context, chunk_kv, probe, protected, layer_inputs, scores, teacher) -> list:
         """Per layer (index or None, ratio, JS, tests): the first candidate ratio whose test passes.
 
         Layers are searched top-down in groups of settings.layer_group sharing one ratio (1 =
@@ -174,7 +213,7 @@ class ChunkCompressor:
             indices = {l: rank_tokens(scores[l], protected, [k for _, k in trials], s.pool_width,
                                       s.protect_bonus, backend=self.backend) for l in group} if trials else {}
             test = self._test_batched if batched else self._test_in_order
-            chosen, js, tests = test(memory, chunk_kv, probe, layer_inputs[group[0]], group, indices,
+            chosen, js, tests = test(context, chunk_kv, probe, layer_inputs[group[0]], group, indices,
                                      kept_segments, teacher_js, len(trials)) if trials else (None, None, 0)
             for l in group:
                 index = None if chosen is None else indices[l][chosen]
@@ -183,7 +222,7 @@ class ChunkCompressor:
                 kept_segments[l] = chunk_kv[l] if index is None else gather_rows(*chunk_kv[l], index)
         return decisions
 
-    def _test_in_order(self, memory, chunk_kv, probe, layer_input, group, indices, kept_segments,
+    def _test_in_order(self, context, chunk_kv, probe, layer_input, group, indices, kept_segments,
                        teacher_js, n_trials):
         """Test candidates one by one; stop at the first that passes. -> (chosen or None, JS, tests)."""
         js = None
@@ -191,26 +230,26 @@ class ChunkCompressor:
             segments = dict(kept_segments)
             for l in group:
                 segments[l] = gather_rows(*chunk_kv[l], indices[l][c])
-            js = self._js(memory, probe, layer_input, group[0], segments, teacher_js)
+            js = self._js(context, probe, layer_input, group[0], segments, teacher_js)
             if js <= self.settings.tolerance:
                 return c, js, c + 1
         return None, js, n_trials
 
-    def _js(self, memory, probe, layer_input, start, segments, teacher_js) -> float:
+    def _js(self, context, probe, layer_input, start, segments, teacher_js) -> float:
         """Mean JS over answer positions of the probe restarted at layer `start` with `segments`."""
         a = self.adapter
-        plan = ProbePlan(memory.kv(), segments, probe.valid, probe.observer, backend=self.backend)
+        plan = ProbePlan(context, segments, probe.valid, probe.observer, backend=self.backend)
         out = a.run_layers(layer_input, probe.positions, self._rotary, start, a.n_layers, plan)
         student = a.final_norm(out)[probe.observer]
         return float(teacher_js(student).mean())  # rows are clamped at 0
 
-    def _test_batched(self, memory, chunk_kv, probe, layer_input, group, indices, kept_segments,
+    def _test_batched(self, context, chunk_kv, probe, layer_input, group, indices, kept_segments,
                       teacher_js, n_trials):
         """All candidates in one forward of n_trials replicas of the probe; same decision as in
         order (the first that passes), one host sync. -> (chosen or None, JS, tests)."""
         a, C = self.adapter, n_trials
         candidates = {l: [gather_rows(*chunk_kv[l], indices[l][c]) for c in range(C)] for l in group}
-        plan = CandidateProbePlan(memory.kv(), kept_segments, candidates, probe.valid.repeat(C, 1),
+        plan = CandidateProbePlan(context, kept_segments, candidates, probe.valid.repeat(C, 1),
                                   backend=self.backend)
         hidden = layer_input.repeat(C, 1, 1)
         positions = probe.positions.repeat(1, C, 1)
@@ -234,4 +273,22 @@ class ChunkCompressor:
             index = None if k >= chunk_len else rank_tokens(
                 scores[l], protected, [k], s.pool_width, s.protect_bonus, backend=self.backend)[0]
             decisions.append((index, ratio, None, 0))
+        return decisions
+
+    def _baseline(self, chunk_kv, tail_queries) -> list:
+        """Decisions of the one-prefill baselines (snapkv, tova, streaming) at keep_ratio."""
+        s = self.settings
+        decisions = []
+        for l, (keys, _) in enumerate(chunk_kv):
+            length = keys.shape[1]
+            (k,) = candidate_sizes([s.keep_ratio], length, 0)
+            if k >= length:
+                index = None
+            elif s.method == "streaming":
+                index = streaming_index(keys.shape[0], length, k, s.sinks, keys.device)
+            else:
+                queries, scale = tail_queries[l]
+                select = snapkv_index if s.method == "snapkv" else tova_index
+                index = select(queries, keys, k, scale)
+            decisions.append((index, s.keep_ratio, None, 0))
         return decisions

@@ -11,6 +11,7 @@ from .attention import routed
 from .cache import MemoryCache, cache_keyword
 from .chunk_compression import ChunkCompressor
 from .errors import EMLoCError
+from .presets import preset_settings
 from .memory import (TOKENIZER_KEY, TaskMemory, empty_layers, fingerprint_diff, model_part,
                      tokenizer_fingerprint)
 from .media import MediaPreparer
@@ -43,16 +44,26 @@ class EMLoC:
                Qwen2-VL / Qwen2.5-VL for conditional generation
     processor  its tokenizer (with a chat template), or for a vision-language model its processor
                (a bare tokenizer there takes text-only demos and queries)
-    The remaining arguments are the Settings fields (defaults reproduce ALGORITHM.md; see
-    emloc.Settings); progress=True shows a progress bar over chunks on stderr.
+    preset     a name of emloc.PRESETS ("faithful", the default, reproduces the published method)
+    The remaining arguments are the Settings fields (see emloc.Settings); None (or leaving one
+    out) takes the preset's value, else the Settings default; progress=True shows a progress bar
+    over chunks on stderr.
     """
 
-    def __init__(self, model, processor, tolerance=0.005, ratios=(0.1, 0.2, 0.5), demos_per_chunk=4,
-                 method="emloc", keep_ratio=None, backend="auto", progress=True, layer_group=1,
-                 batch_candidates=None):
-        self.settings = Settings(tolerance=tolerance, ratios=ratios, demos_per_chunk=demos_per_chunk,
-                                 method=method, keep_ratio=keep_ratio, backend=backend,
-                                 layer_group=layer_group, batch_candidates=batch_candidates)
+    def __init__(self, model, processor, tolerance=None, ratios=None, demos_per_chunk=None,
+                 method=None, keep_ratio=None, backend=None, progress=True, layer_group=None,
+                 batch_candidates=None, preset=None, chunk_tokens=None, lookback_chunks=None,
+                 window=None, sinks=None, recent_tokens=None):
+        given = {"tolerance": tolerance, "ratios": ratios, "demos_per_chunk": demos_per_chunk,
+                 "method": method, "keep_ratio": keep_ratio, "backend": backend,
+                 "layer_group": layer_group, "batch_candidates": batch_candidates,
+                 "chunk_tokens": chunk_tokens, "lookback_chunks": lookback_chunks,
+                 "window": window, "sinks": sinks, "recent_tokens": recent_tokens}
+        base = preset_settings("faithful" if preset is None else preset)
+        if demos_per_chunk is not None:  # an explicit chunking replaces the preset's
+            base.pop("chunk_tokens", None)
+        self.settings = Settings(**{**base, **{k: v for k, v in given.items() if v is not None}})
+        self.preset = preset
         self.model = model
         self.adapter = adapter_for(model)
         self.settings.check_model(self.adapter)
@@ -66,19 +77,55 @@ class EMLoC:
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
     # -- compression -------------------------------------------------------------------------
-    def _render_chunk(self, demos, c: int, system):
+    def _chunk_bounds(self, demos) -> tuple:
+        """([start, end) demo indices of each chunk, index of the first chunk kept whole).
+
+        The last demos whose tokens fit in recent_tokens form the chunks kept whole (none when
+        recent_tokens is 0); the demos before them are cut into chunks of demos_per_chunk (all in
+        one chunk when None) or by chunk_tokens. Token counts are of each demo rendered alone.
+        """
+        s = self.settings
+        lengths = None
+        if s.chunk_tokens is not None or s.recent_tokens:
+            if self.renderer.media is not None:
+                raise EMLoCError("chunk_tokens and recent_tokens measure text demos; with images or "
+                                 "videos give demos_per_chunk and recent_tokens=0")
+            lengths = [len(self.renderer.demos([self.renderer.prepared(d, f"demo {i} input")], system=False).ids)
+                       for i, d in enumerate(demos)]
+        split, used = len(demos), 0
+        while s.recent_tokens and split > 0 and used + lengths[split - 1] <= s.recent_tokens:
+            split -= 1
+            used += lengths[split]
+        older = self._cut(0, split, lengths)
+        return older + self._cut(split, len(demos), lengths), len(older)
+
+    def _cut(self, start: int, end: int, lengths) -> list:
+        """Chunks of demos [start, end): demos_per_chunk at a time, or while their tokens fit in
+        chunk_tokens (at least one demo per chunk)."""
+        s = self.settings
+        if s.chunk_tokens is None:
+            size = s.demos_per_chunk or max(1, end - start)
+            return [(i, min(i + size, end)) for i in range(start, end, size)]
+        bounds, used = [], 0
+        for i in range(start, end):
+            if i > start and used + lengths[i] > s.chunk_tokens:
+                bounds.append((start, i))
+                start, used = i, 0
+            used += lengths[i]
+        return bounds + [(start, end)] if end > start else bounds
+
+    def _render_chunk(self, demos, bounds, c: int, system):
         """Chunk c: its demos rendered as one chat (with `system` in chunk 0) and each demo
         rendered alone (the probe rows); both share the demos' processed images/videos."""
-        size = self.settings.demos_per_chunk
-        group = [self.renderer.prepared(d, f"demo {c * size + i} input")
-                 for i, d in enumerate(demos[c * size:(c + 1) * size])]
+        start, end = bounds[c]
+        group = [self.renderer.prepared(d, f"demo {start + i} input") for i, d in enumerate(demos[start:end])]
         chunk = self.renderer.demos(group, system=system if c == 0 else False)
         return chunk, [self.renderer.demos([d], system=False) for d in group]
 
     def _chunks(self, demos, system):
         """Rendered chunks and, per chunk, each demo rendered alone (the probe rows)."""
-        n_chunks = -(-len(demos) // self.settings.demos_per_chunk)
-        rendered = [self._render_chunk(demos, c, system) for c in range(n_chunks)]
+        bounds, _ = self._chunk_bounds(demos)
+        rendered = [self._render_chunk(demos, bounds, c, system) for c in range(len(bounds))]
         return [chunk for chunk, _ in rendered], [rows for _, rows in rendered]
 
     def compress(self, demos, system=None) -> TaskMemory:
@@ -92,9 +139,10 @@ class EMLoC:
             raise EMLoCError(f"system must be a string or None, got {type(system).__name__}")
         for i, demo in enumerate(demos):  # fail before any work on a demo that cannot be rendered
             self.renderer.check(demo["input"], f"demo {i} input")
-        n_chunks = -(-len(demos) // self.settings.demos_per_chunk)
+        bounds, first_recent = self._chunk_bounds(demos)
+        n_chunks = len(bounds)
         # with images, render (and process) one chunk at a time; text is cheap: check it all first
-        rendered = (self._render_chunk(demos, c, system) for c in range(n_chunks))
+        rendered = (self._render_chunk(demos, bounds, c, system) for c in range(n_chunks))
         if self.renderer.media is None:
             chunks, probes = self._chunks(demos, system)
             rendered = zip(chunks, probes)
@@ -114,7 +162,7 @@ class EMLoC:
             bar = tqdm(total=n_chunks, desc="compressing", unit="chunk", file=sys.stderr)
         with a.emloc_attention():
             for c, (chunk, rows) in enumerate(rendered):
-                stats = worker.compress(memory, chunk, rows)
+                stats = worker.compress(memory, chunk, rows, keep_whole=c >= first_recent)
                 memory.stats.append({"chunk": c, **stats})
                 if bar is not None:
                     bar.update(1)

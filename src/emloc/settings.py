@@ -7,7 +7,10 @@ from dataclasses import asdict, dataclass
 
 from .errors import EMLoCError
 
-METHODS = ("emloc", "full", "uniform", "pyramid")
+METHODS = ("emloc", "full", "uniform", "pyramid", "snapkv", "tova", "streaming")
+FIXED_RATIO_METHODS = ("uniform", "pyramid", "snapkv", "tova", "streaming")  # need keep_ratio
+ONE_PREFILL_METHODS = ("snapkv", "tova", "streaming")  # baselines: the whole context in one chunk, no probe
+DEFAULT_DEMOS_PER_CHUNK = 4
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -17,9 +20,23 @@ class Settings:
 
     tolerance        δ, the JS bound per chunk (natural log); 0 disables pruning.
     ratios           candidate keep-ratios, tried in increasing order.
-    demos_per_chunk  demonstrations rendered and compressed together.
-    method           "emloc" (search), "full" (no pruning), "uniform" / "pyramid" (fixed schedules).
-    keep_ratio       mean kept fraction per layer for "uniform" and "pyramid".
+    demos_per_chunk  demonstrations rendered and compressed together; None = 4 for "emloc",
+                     "full", "uniform", "pyramid" and all demos in one chunk for the one-prefill
+                     baselines (or when chunk_tokens is given).
+    chunk_tokens     cut chunks by size instead: consecutive demos while their tokens (each demo
+                     rendered alone) fit in chunk_tokens, at least one demo per chunk.
+    lookback_chunks  how many previous chunks a chunk's prefill, probe and tests see uncompressed
+                     (their full keys/values) instead of their pruned memory rows: 0 = faithful,
+                     "all" = the whole uncompressed history (peak memory then grows with it).
+    recent_tokens    the last demos whose tokens (each rendered alone) fit in recent_tokens are
+                     kept whole in every layer (0 = faithful: every chunk is pruned).
+    method           "emloc" (search), "full" (no pruning), "uniform" / "pyramid" (fixed schedules
+                     by emloc's scores), "snapkv" / "tova" / "streaming" (one-prefill baselines:
+                     SnapKV's observation-window scores, TOVA's last-token scores, StreamingLLM's
+                     sinks + recent tokens).
+    keep_ratio       mean kept fraction per layer for the fixed-ratio methods.
+    window           SnapKV's observation window (the last tokens of the context; always kept).
+    sinks            StreamingLLM's attention-sink tokens kept at the start.
     pool_width       width of the mean pool that smooths importance scores.
     protect_bonus    added to the scores of answer-span tokens so they are always kept.
     backend          "auto" | "triton" | "torch" for the kernels.
@@ -30,9 +47,14 @@ class Settings:
 
     tolerance: float = 0.005
     ratios: tuple = (0.1, 0.2, 0.5)
-    demos_per_chunk: int = 4
+    demos_per_chunk: int | None = None
     method: str = "emloc"
     keep_ratio: float | None = None
+    chunk_tokens: int | None = None
+    lookback_chunks: int | str = 0
+    recent_tokens: int = 0
+    window: int = 64
+    sinks: int = 4
     pool_width: int = 5
     protect_bonus: float = 100.0
     backend: str = "auto"
@@ -57,17 +79,15 @@ class Settings:
         if list(ratios) != sorted(set(ratios)):
             raise EMLoCError(f"ratios must be strictly increasing (they are tried in order), got {ratios}")
         object.__setattr__(self, "ratios", ratios)
-        dpc = self.demos_per_chunk
-        if isinstance(dpc, bool) or not isinstance(dpc, int) or dpc < 1:
-            raise EMLoCError(f"demos_per_chunk must be an integer >= 1, got {dpc!r}")
         if self.method not in METHODS:
             raise EMLoCError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method in ("uniform", "pyramid"):
+        self._check_chunking()
+        if self.method in FIXED_RATIO_METHODS:
             kr = self.keep_ratio
             if kr is None or isinstance(kr, bool) or not isinstance(kr, (int, float)) or not (0 < kr <= 1):
                 raise EMLoCError(f"method={self.method!r} needs keep_ratio in (0, 1], got {kr!r}")
         elif self.keep_ratio is not None:
-            raise EMLoCError(f"keep_ratio only applies to 'uniform' and 'pyramid', not {self.method!r}")
+            raise EMLoCError(f"keep_ratio only applies to {FIXED_RATIO_METHODS}, not {self.method!r}")
         lg = self.layer_group
         if isinstance(lg, bool) or not isinstance(lg, int) or lg < 1:
             raise EMLoCError(f"layer_group must be an integer >= 1 (1 = the faithful search), got {lg!r}")
@@ -77,6 +97,32 @@ class Settings:
             raise EMLoCError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if not isinstance(self.pool_width, int) or self.pool_width < 1 or self.pool_width % 2 == 0:
             raise EMLoCError(f"pool_width must be an odd integer >= 1, got {self.pool_width!r}")
+
+    def _check_chunking(self) -> None:
+        """Validate demos_per_chunk / chunk_tokens / lookback_chunks / window / sinks and resolve
+        demos_per_chunk=None to its method's default."""
+        def positive_int(name, value):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EMLoCError(f"{name} must be an integer >= 1, got {value!r}")
+
+        dpc, tokens = self.demos_per_chunk, self.chunk_tokens
+        if tokens is not None:
+            positive_int("chunk_tokens", tokens)
+            if dpc is not None:
+                raise EMLoCError("give demos_per_chunk or chunk_tokens, not both")
+        elif dpc is not None:
+            positive_int("demos_per_chunk", dpc)
+        elif self.method not in ONE_PREFILL_METHODS:
+            object.__setattr__(self, "demos_per_chunk", DEFAULT_DEMOS_PER_CHUNK)
+        lb = self.lookback_chunks
+        if lb != "all" and (isinstance(lb, bool) or not isinstance(lb, int) or lb < 0):
+            raise EMLoCError(f"lookback_chunks must be an integer >= 0 or 'all', got {lb!r}")
+        rt = self.recent_tokens
+        if isinstance(rt, bool) or not isinstance(rt, int) or rt < 0:
+            raise EMLoCError(f"recent_tokens must be an integer >= 0, got {rt!r}")
+        positive_int("window", self.window)
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise EMLoCError(f"sinks must be an integer >= 0, got {self.sinks!r}")
 
     def check_model(self, adapter) -> None:
         """The checks that need the model (a DecoderAdapter): layer_group at most its layer

@@ -1,0 +1,20 @@
+"""Named compression settings: `emloc.EMLoC(model, processor, preset=name)`.
+
+A preset is a partial Settings; arguments given to EMLoC explicitly override it. "faithful" is
+the method as published (the defaults); the others are emloc's own options, each measured
+against it in bench/FIDELITY.md.
+"""
+from __future__ import annotations
+
+from .errors import EMLoCError
+
+PRESETS = {
+    "faithful": {},
+}
+
+
+def preset_settings(name) -> dict:
+    """The settings of preset `name` (a copy); EMLoCError for an unknown name."""
+    if name not in PRESETS:
+        raise EMLoCError(f"unknown preset {name!r}; the presets are {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
