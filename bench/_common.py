@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_CSV = Path(__file__).resolve().parent / "results.csv"
+# EMLOC_BENCH_CSV redirects the rows (bench/gpu_check.py keeps one run's rows in its folder)
+RESULTS_CSV = Path(os.environ.get("EMLOC_BENCH_CSV") or Path(__file__).resolve().parent / "results.csv")
 FIELDS = ["date", "device", "torch", "triton", "transformers", "bench", "case", "impl",
           "median_ms", "spread_ms", "metric", "value", "note"]
 
