@@ -311,3 +311,31 @@ def test_bundled_smollm2_through_the_cache_equals_emloc():
     expected = emloc_tokens(comp, memory, queries, 8)
     got = hf_generate(comp, memory, queries, max_new_tokens=8, do_sample=False)
     assert [trim(g, comp._stop_ids(), comp.pad_id) for g in got] == expected
+
+
+# -- vision-language ----------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_language_queries_with_images_through_the_cache(family):
+    """Images in the queries; 3-D positions continue from the memory's offset. (The tiny
+    processor is built with transformers 5.2x APIs: under 5.17 the test cannot build it.)"""
+    vl = pytest.importorskip("tiny_vl_models", reason="the tiny VL processor needs transformers' "
+                             "VideoProcessorMixin (absent in this transformers)", exc_type=ImportError)
+    tiny_images, tiny_vl_model, tiny_vl_processor = vl.tiny_images, vl.tiny_vl_model, vl.tiny_vl_processor
+
+    images = tiny_images(((56, 56), (84, 56), (56, 84), (112, 56), (56, 56), (84, 84)))
+    demos = [{"input": [{"type": "image", "image": image}, {"type": "text", "text": "Which shape?"}],
+              "output": shape} for image, shape in zip(images, ["round", "square", "round", "square"])]
+    comp = emloc.EMLoC(tiny_vl_model(family), tiny_vl_processor(family), demos_per_chunk=2, progress=False)
+    memory = comp.compress(demos, system="Name the shape.")
+    assert memory.offset < memory.context_length  # M-RoPE: images take fewer positions than tokens
+    queries = [[{"type": "image", "image": images[4]}, {"type": "text", "text": "Which shape?"}],
+               [{"type": "text", "text": "And this one, the big one?"}, {"type": "image", "image": images[5]}]]
+    inputs = comp.query_inputs(memory, queries)
+    assert inputs["position_ids"].shape[0] == 3 and int(inputs["position_ids"][:, :, -1].min()) > memory.offset
+    with emloc.routed(comp.model), torch.no_grad():
+        logits = comp.model(**inputs).logits[:, -1].float()
+    for b, query in enumerate(queries):
+        assert (logits[b] - comp.logits(memory, query)[0]).abs().max() <= 1e-4
+    expected = emloc_tokens(comp, memory, queries, 6)
+    got = hf_generate(comp, memory, queries, max_new_tokens=6, do_sample=False)
+    assert [trim(g, comp._stop_ids(), comp.pad_id) for g in got] == expected

@@ -35,14 +35,20 @@ def cache_inputs(adapter, memory, rows: list, pad_id: int) -> dict:
     """Inputs of model(...) / model.generate(...) for rendered query rows read after `memory`
     through a MemoryCache (see emloc.cache): input_ids [B, T] left-padded, attention_mask
     [B, offset + T] (offset ones for the memory, then the rows' padding), position_ids [B, T]
-    (offset + each row's own positions, as generate_batch uses)."""
-    if adapter.position_dims != 1:
-        raise EMLoCError("model inputs for a memory cache are built for text models only; "
-                         "use EMLoC.generate with a vision-language model")
+    (offset + each row's own positions, as generate_batch uses; [3, B, T] M-RoPE positions for
+    a vision-language model, which also gets mm_token_type_ids and the rows' pixel values and
+    grids, in row order)."""
     check_positions(adapter, memory, max(len(r.ids) for r in rows))
     ids, valid, positions = _left_padded(adapter, rows, pad_id, memory.offset)
     mask = torch.cat([valid.new_ones(len(rows), memory.offset), valid], dim=1).long()
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions[0]}
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions[0]}
+    if adapter.position_dims != 1:
+        media = [m for row in rows for m in row.media]
+        flat = adapter.model_inputs([t for row in rows for t in row.ids], media)
+        inputs.update({k: v for k, v in flat.items() if k not in ("input_ids", "attention_mask")})
+        inputs["mm_token_type_ids"] = adapter.token_types(ids).to(ids.device)
+        inputs["position_ids"] = positions
+    return inputs
 
 
 def check_positions(adapter, memory, needed: int) -> None:
