@@ -296,6 +296,8 @@ CLI_MISTAKES = {
     "answer a version-1 memory": (lambda w: answer_args(w, "--query", "q", memory=version_1(w)), "Compress the task again", []),
     "answer a memory that is a folder": (lambda w: answer_args(w, "--query", "q", memory=str(w["tmp"])), "no memory file", []),
     "answer --backend triton on CPU": (lambda w: answer_args(w, "--query", "q", "--backend", "triton"), "TRITON_INTERPRET", []),
+    "answer --seed -1": (lambda w: answer_args(w, "--query", "q", "--temperature", "0.5", "--seed", "-1"), "--seed", []),
+    "demo --backend triton on CPU": (lambda w: ["demo", "--model", w["model"], "--backend", "triton"], "TRITON_INTERPRET", []),
     "inspect a damaged memory": (lambda w: ["inspect", flipped(w)], "checksum", []),
     "inspect a version-1 memory": (lambda w: ["inspect", version_1(w)], "version '1'", []),
     "inspect --plot is the memory": (lambda w: ["inspect", w["memory"], "--plot", w["memory"]],

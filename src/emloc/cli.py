@@ -127,6 +127,7 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
     _positive("--demos", args.demos)
     _positive("--queries", args.queries)
+    _refuse_triton_on_cpu(args.backend)
     run_demo(args.model, n_demos=args.demos, n_queries=args.queries, backend=args.backend)
     return EXIT_OK
 
@@ -228,11 +229,13 @@ def cmd_answer(args) -> int:
     elif args.top_k is not None or args.top_p is not None:
         raise EMLoCError("--top-k and --top-p apply only when sampling: give --temperature > 0")
     _refuse_triton_on_cpu(args.backend)
+    if args.seed < 0:
+        raise EMLoCError(f"--seed must be >= 0, got {args.seed}")
     # files first (the memory read and checked whole), the model last
-    model = model_path(args.model)
+    model_file = model_path(args.model)
     out = None
     if args.out is not None:
-        out = prepare_output(args.out, {"memory": args.memory, "queries file": args.queries, "model": model},
+        out = prepare_output(args.out, {"memory": args.memory, "queries file": args.queries, "model": model_file},
                              default_name=Path(args.queries).stem + ".answers.jsonl")
     header, tensors = read_file(args.memory)
     _check_memory_fits_model(header, args.memory, args.model)
@@ -253,9 +256,9 @@ def cmd_answer(args) -> int:
         for where, content in inputs:
             renderer.check(content, where)
 
-    loaded, tokenizer = load_model(args.model, before_weights=check_queries)
-    memory = TaskMemory.from_file(header, tensors, loaded, args.memory)
-    comp = EMLoC(loaded, tokenizer, backend=args.backend, progress=False)
+    model, tokenizer = load_model(args.model, before_weights=check_queries)
+    memory = TaskMemory.from_file(header, tensors, model, args.memory)
+    comp = EMLoC(model, tokenizer, backend=args.backend, progress=False)
     if args.query is not None:
         print(comp.generate(memory, inputs[0][1], max_new_tokens=args.max_new_tokens, **sampling))
         return EXIT_OK

@@ -172,7 +172,7 @@ class ChatRenderer:
             token = self.tokenizer.convert_ids_to_tokens(found[0])
             raise EMLoCError(f"{where}: the text contains {token!r}, a control token of this tokenizer; "
                              "it would be read as chat structure, not as text. Remove it or break it up "
-                             f"(e.g. {' '.join(token)!r})")
+                             f"(e.g. {token[:1] + ' ' + token[1:]!r})")
 
     # -- template calls -------------------------------------------------------------------
     def _template(self, messages, generation_prompt: bool) -> str:
