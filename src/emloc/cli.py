@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .errors import EMLoCError
 from .media import KINDS
+from .memory_file import FORMAT_VERSION
 from .rendering import check_content, check_text
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED = 0, 1, 2, 130, 141
@@ -305,6 +306,8 @@ def cmd_inspect(args) -> int:
     print(f"model: {fp.get('architecture')} ({n_layers} layers, {fp.get('n_kv_heads')} KV heads, "
           f"{fp.get('dtype')})")
     print(f"settings: {json.dumps(header['settings'])}")
+    print(f"integrity: format version {FORMAT_VERSION}, header and {len(header['tensors'])} tensors match "
+          "their SHA-256 checksums")
     print(f"context tokens: {context}, chunks: {len(stats)}, kept per layer min/mean/max: "
           f"{min(per_layer, default=0)}/{mean:.1f}/{max(per_layer, default=0)}, "
           f"compression ratio: {context / mean if mean else float('inf'):.2f}x")
