@@ -297,9 +297,10 @@ def test_crop_removes_new_tokens_only(llama_memory):
 def test_bundled_smollm2_through_the_cache_equals_emloc():
     pytest.importorskip("gguf", reason="the bundled model is a GGUF file (the compat env has no gguf)")
     from emloc.demo import load_task
-    from real_model import smollm2
+    from real_model import smollm2_loading
 
-    model, tokenizer = smollm2()
+    model, tokenizer, loading_stderr = smollm2_loading()
+    assert "GGUF" not in loading_stderr  # load_model silences the conversion's progress bar
     rows = load_task()
     comp = emloc.EMLoC(model, tokenizer, demos_per_chunk=3, progress=False)
     memory = comp.compress(rows[:3], system="Answer with the name of the capital city only.")
