@@ -302,8 +302,10 @@ def test_bundled_smollm2_through_the_cache_equals_emloc():
     model, tokenizer, loading_stderr = smollm2_loading()
     assert "GGUF" not in loading_stderr  # load_model silences the conversion's progress bar
     rows = load_task()
-    comp = emloc.EMLoC(model, tokenizer, demos_per_chunk=3, progress=False)
+    # pyramid: per-layer lengths that differ (like emloc's) without the search's cost
+    comp = emloc.EMLoC(model, tokenizer, method="pyramid", keep_ratio=0.4, demos_per_chunk=3, progress=False)
     memory = comp.compress(rows[:3], system="Answer with the name of the capital city only.")
+    assert len(set(memory.layer_lengths)) > 3
     queries = [r["input"] for r in rows[3:5]]
     inputs = comp.query_inputs(memory, queries)
     with emloc.routed(model), torch.no_grad():
