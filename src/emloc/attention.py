@@ -1,7 +1,7 @@
 """emloc's attention function, registered with transformers' AttentionInterface.
 
 While the compressor drives a model (DecoderAdapter.emloc_attention), every attention module
-calls `emloc_attention_forward`, which hands the post-RoPE queries/keys/values of its layer to
+calls emloc's function (registered as "emloc"), which hands the post-RoPE queries/keys/values of its layer to
 the *plan* passed down as the `emloc_plan` keyword. A plan says what the rows attend to:
 
 - PrefixPlan: the task memory (shared by all rows, unmasked, read in place) plus the rows' own
@@ -84,8 +84,7 @@ def _eager_attention(module, *args, **kwargs):
     return forward(module, *args, **kwargs)
 
 
-emloc_attention_forward = _routed_attention(sdpa_attention_forward)
-AttentionInterface.register(ATTENTION_NAME, emloc_attention_forward)
+AttentionInterface.register(ATTENTION_NAME, _routed_attention(sdpa_attention_forward))
 AttentionInterface.register(EAGER_ATTENTION_NAME, _routed_attention(_eager_attention))
 AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)    # boolean masks (None when causal suffices)
 AttentionMaskInterface.register(EAGER_ATTENTION_NAME, eager_mask)  # additive float masks
@@ -97,11 +96,6 @@ def attention_configs(model) -> list:
     if hasattr(model.config, "get_text_config"):
         configs.append(model.config.get_text_config())
     return list({id(c): c for c in configs}.values())
-
-
-def is_routed(model) -> bool:
-    """Whether the model's attention currently runs emloc's function."""
-    return all(c._attn_implementation in ROUTED_NAMES for c in attention_configs(model))
 
 
 @contextlib.contextmanager
