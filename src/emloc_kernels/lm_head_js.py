@@ -192,9 +192,9 @@ def _launch_config(n_rows, vocab, weight):
         block_n = min(64, max(16, triton.next_power_of_2(n_rows)))
         block_v, block_h = 128, 64
         target_programs = 4 * multiprocessors(weight.device)
-        # 16-row blocks take 4 warps: with 8, sm_90 spills 8 B (python -m emloc_kernels.aot)
-        options = {"num_warps": 4 if block_n <= 16 else 8,
-                   "num_stages": 3 if weight.element_size() == 2 else 2}
+        # 16-bit 16-row blocks take 4 warps: with 8, sm_90 spills 8 B (python -m emloc_kernels.aot)
+        half = weight.element_size() == 2
+        options = {"num_warps": 4 if half and block_n <= 16 else 8, "num_stages": 3 if half else 2}
     row_blocks = triton.cdiv(n_rows, block_n)
     vocab_blocks = triton.cdiv(vocab, block_v)
     blocks_per_split = triton.cdiv(vocab_blocks, max(1, target_programs // row_blocks))
