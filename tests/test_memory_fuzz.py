@@ -105,15 +105,29 @@ def header_edit(rng, data):
     return _edited(rng, data, reseal=False)[0]
 
 
-# fields a resealed edit may change into another valid file (free text, timings, the settings
-# record, nullable search records): such edits are legitimate files, not damage, so skip them
-FREE = {"settings", "seconds", "demos", "js", "ratio", "tests", "chunk", "layer", "tokenizer"}
+# what a resealed edit may target: the fields the schema or the fingerprint comparison constrain
+# (any change to them makes the file wrong). Other fields are free records (timings, settings,
+# search records a later emloc may add): an edit there with the checksum updated is a valid file.
+MODEL_KEYS = {"architecture", "model_type", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+              "hidden_size", "vocab_size", "dtype", "weights_sha256"}
+
+
+def covered(target) -> bool:
+    top, rest = target[0], target[1:]
+    if not rest:
+        return True
+    if top == "fingerprint":
+        return len(rest) == 1 and rest[0] in MODEL_KEYS
+    if top == "stats":
+        return len(rest) == 1 or rest[1] in ("tokens", "positions") or (
+            rest[1] == "layers" and (len(rest) <= 3 or rest[3] == "kept"))
+    return top == "tensors"
 
 
 def resealed_header_edit(rng, data):
     while True:
-        out, (target, change) = _edited(rng, data, reseal=True)
-        if not FREE & set(map(str, target)) and not (change == "null" and target[-1] in ("js", "ratio")):
+        out, (target, _) = _edited(rng, data, reseal=True)
+        if covered(target):
             return out
 
 
