@@ -122,3 +122,21 @@ def test_output_path_rules(tmp_path):
     for bad in ("", "  ", tmp_path, f"{tmp_path}/", 3):
         with pytest.raises(emloc.EMLoCError):
             output_path(bad)
+
+
+def test_a_destination_without_room_for_the_memory_is_refused_before_compressing(work, capsys, monkeypatch):
+    """The bound is the uncompressed context's size; free space below it fails before any chunk."""
+    import shutil
+
+    from emloc.compressor import EMLoC
+
+    def never(*args, **kwargs):
+        raise AssertionError("compression started")
+
+    monkeypatch.setattr(EMLoC, "compress", never)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 10**5, 10**5))
+    out = work["tmp"] / "no-room.emloc"
+    code = main(["compress", "--demos", work["demos"], "--out", str(out), "--model", work["model"], "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "MiB free" in err and "may take up to" in err, err
+    assert not out.exists()

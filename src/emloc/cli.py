@@ -154,7 +154,7 @@ def _refuse_triton_on_cpu(backend: str) -> None:
 def cmd_compress(args) -> int:
     from .compressor import EMLoC
     from .models import load_model, model_path
-    from .output_files import prepare_output
+    from .output_files import check_free_space, prepare_output
     from .settings import Settings
 
     # everything that can be checked without the model is checked before it loads
@@ -169,6 +169,7 @@ def cmd_compress(args) -> int:
     if args.system is not None:
         check_text(args.system, "--system")
     demos = [{**row, "input": _media_paths(row["input"], demos_path.parent)} for _, row in rows]
+    text_tokens = []  # per text demo, its tokens rendered alone (bounds the memory's size)
 
     def check_demos(processor):  # with the tokenizer, before the weights load
         renderer = _renderer(processor)
@@ -176,9 +177,17 @@ def cmd_compress(args) -> int:
             renderer.check_user_text(args.system, "--system")
         for (n, _), demo in zip(rows, demos):
             renderer.check_demo(demo, f"{demos_path}:{n}")
+            if isinstance(demo["input"], str):
+                text_tokens.append(len(renderer.demos([demo], system=False).ids))
 
     model, tokenizer = load_model(args.model, before_weights=check_demos)
     comp = EMLoC(model, tokenizer, **settings, progress=not args.quiet)
+    if len(text_tokens) == len(demos):  # text demos: a full destination is found before compressing
+        a = comp.adapter
+        row_bytes = 2 * a.n_layers * a.n_kv_heads * a.head_dim * a.dtype.itemsize
+        system_tokens = len(comp.tokenizer(args.system or "")["input_ids"]) + 64  # + its template turn
+        check_free_space(out, (sum(text_tokens) + system_tokens) * row_bytes + 2**20,
+                         "the memory (at most the uncompressed context)")
     memory = comp.compress(demos, system=args.system)
     memory.save(out)
     print(f"wrote {out}: {memory}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -73,6 +74,15 @@ def check_writable(path: Path) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise EMLoCError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def check_free_space(path: Path, nbytes: int, what: str) -> None:
+    """Raise EMLoCError if the file system of path's folder has less than `nbytes` free for
+    `what` (an upper bound of the file's size, checked before the work that produces it)."""
+    free = shutil.disk_usage(path.parent).free
+    if free < nbytes:
+        raise EMLoCError(f"{path.parent} has {free / 2**20:.1f} MiB free; {what} may take up to "
+                         f"{nbytes / 2**20:.1f} MiB: free some space or write elsewhere")
 
 
 def prepare_output(out, inputs: dict | None = None, default_name: str | None = None) -> Path:
