@@ -37,9 +37,12 @@ $(COMPAT_STAMP): pyproject.toml
 	$(COMPAT_PY) -m pip install -q --no-deps -e .
 	touch $(COMPAT_STAMP)
 
+# one pytest per file (a folder's test_*.py files), two at a time: the interpreter is slow
+COMPAT_FILES = $(foreach t,$(wildcard $(COMPAT_TESTS)),$(or $(wildcard $(t)/test_*.py),$(t)))
+
 test-compat: $(COMPAT_STAMP)
-	TRITON_INTERPRET=1 $(COMPAT_PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning \
-		$(wildcard $(COMPAT_TESTS))
+	printf '%s\n' $(COMPAT_FILES) | TRITON_INTERPRET=1 xargs -P 2 -n 1 \
+		$(COMPAT_PY) -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning
 
 # On a lent GPU machine with its own Python (bench/gpu_check.py); CI runs
 # `make gpu-check GPU_PY=.venv/bin/python ARGS=--dry-run` (CPU, interpreter, tiny shapes).

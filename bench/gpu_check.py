@@ -33,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -317,18 +318,23 @@ def run_step(name: str, out: Path, dry_run: bool) -> dict:
     if dry_run:
         cmd.append("--dry-run")
     start = time.perf_counter()
+    log = (out / f"{name}.log").open("w")
+    # its own process group: on timeout the step's children (pytest runs) are stopped too
+    run = subprocess.Popen(cmd, cwd=ROOT, env=_env(dry_run), stdout=log,
+                           stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        run = subprocess.run(cmd, cwd=ROOT, env=_env(dry_run), capture_output=True, text=True,
-                             timeout=TIME_LIMITS[name])
-    except subprocess.TimeoutExpired as exc:
-        (out / f"{name}.log").write_text(f"{exc.stdout or ''}{exc.stderr or ''}")
+        run.wait(timeout=TIME_LIMITS[name])
+    except subprocess.TimeoutExpired:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
         return {"step": name, "status": f"timeout after {TIME_LIMITS[name]} s",
                 "seconds": time.perf_counter() - start}
-    (out / f"{name}.log").write_text(run.stdout + run.stderr)
+    finally:
+        log.close()
     seconds = time.perf_counter() - start
     result_file = out / f"{name}.result.json"
     if run.returncode != 0 or not result_file.exists():
-        tail = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
+        tail = ((out / f"{name}.log").read_text().strip().splitlines() or ["(no output)"])[-1]
         return {"step": name, "status": f"failed: {tail}", "seconds": seconds}
     return {"step": name, "status": "ok", "seconds": seconds,
             "headline": json.loads(result_file.read_text())}

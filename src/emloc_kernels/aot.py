@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import re
 import subprocess
 import sys
