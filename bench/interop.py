@@ -9,8 +9,9 @@ On the bundled SmolLM2-135M (or --model) with N demos of the shipped capitals ta
   prefix  model.generate on the uncompressed demonstration context, prefilled once into a
           DynamicCache; each call copies that prefix (expanded to the batch) since generate
           extends the cache it is given; the copy is timed, as part of the time to first token
-Every run decodes exactly 1 + --new-tokens tokens per row (no early stop). TTFT: from the call
-(token ids ready) to the first token chosen; decode tokens/s: batch x new tokens / time from the
+Every run decodes exactly 1 + --new-tokens tokens per row (no early stop). TTFT: from the
+query texts (each method renders them with the chat template inside the timing) to the first
+token chosen; decode tokens/s: batch x new tokens / time from the
 first to the last token. Medians of --repeats rounds after one warm-up round, with the spread
 (max - min); each round runs the three methods one after the other, so that load from other
 processes falls on all.
@@ -58,7 +59,8 @@ class Clock(LogitsProcessor):
 
 
 def hf_generate(model, new_tokens, make_inputs) -> tuple:
-    """(ttft s, decode s) of greedy model.generate on make_inputs() (built inside the timing)."""
+    """(ttft s, decode s) of greedy model.generate on make_inputs() (rendered and built inside
+    the timing)."""
     clock = Clock()
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -73,10 +75,10 @@ def with_cache(comp, memory, queries, new_tokens) -> tuple:
 
 
 def with_emloc(comp, memory, queries, new_tokens) -> tuple:
-    rows = [comp.renderer.query(q) for q in queries]
     sampler = TimedGreedy()
     with comp.adapter.emloc_attention():
         t0 = time.perf_counter()
+        rows = [comp.renderer.query(q) for q in queries]
         generate_batch(comp.adapter, memory, rows, set(), comp.pad_id, 1 + new_tokens, sampler,
                        comp.settings.backend)
     return sampler.times[0] - t0, sampler.times[-1] - sampler.times[0]
