@@ -1,24 +1,28 @@
-"""Fidelity on a real model: EMLoC against the full context and fixed-budget pruning (issue 7).
+"""Fidelity on a real model: how much of the full context's behaviour each compression keeps.
 
-For each many-shot task of bench/data/tasks.json (real data, see bench/data/SOURCES.md) the
-demo set is compressed once per method and every held-out query is answered from the memory:
+For each many-shot task of bench/data/tasks.json (real data, see bench/data/SOURCES.md), every
+held-out query is answered from the full context and from each compressed memory, and the
+distribution of the first answer token is compared with the full context's:
 
-  zero-shot   no demos: the model run directly on the system message and the query
-  full        method="full", the uncompressed context (the reference)
-  emloc       method="emloc" at each δ of the sweep (the headline δ included)
-  uniform     method="uniform", keep_ratio = emloc's achieved kept fraction at the headline δ
-  pyramid     method="pyramid", the same keep_ratio
+  zero-shot    no demonstrations at all (how much the demonstrations change the answers)
+  full         method="full", the uncompressed context (the reference)
+  fixed kept fraction, at each of --ratios:
+    snapkv, tova, streaming   one prefill of the whole context (baselines, see emloc.baseline_scores)
+    uniform                   emloc's importance scores, chunked as the faithful method
+  searches, at each δ of --deltas, for each preset of --presets (default: faithful, labelled
+    emloc, and the recommended one)
 
-Per method: accuracy by label log-likelihood (sum of the label's token log-probs, via
-comp.logits(..., continuation=label); argmax over the task's label set) and by greedy generation
-(exact match after strip/lower); the compression ratio; the mean JS divergence (natural log)
-and the top-1 agreement of the first answer token's distribution against the full context; and
-how often the predicted label equals the full context's.
+Metrics: mean JS divergence (nats) and top-1 agreement of the first answer token against the full
+context, the kept fraction (mean kept tokens per layer / context tokens), accuracy (the label
+whose first token is most likely), compression seconds.
 
-    emloc bench fidelity                      # 3 tasks, δ sweep on one: under an hour on 2 shared cores
-    emloc bench fidelity --sweep-tasks all    # the δ sweep on every task (~1.5-2 h)
-    emloc bench fidelity --quick              # a smoke run (~2 min); writes nothing unless --out-dir
-Outputs (full runs): bench/fidelity_results.md, bench/fidelity.csv, bench/fidelity_sweep.png.
+The chunk sweep (--chunk-task) compresses one task with uniform at --chunk-ratio, the context cut
+into 1, 2, 4, 8, 16 chunks, and each preset's search at its default δ, each in a fresh
+process that also records the peak memory while compressing (RSS above the loaded model).
+
+    emloc bench fidelity                 # 3 tasks + chunk sweep: about 1.5 h on 2 shared cores
+    emloc bench fidelity --quick         # a smoke run (~3 min); writes nothing unless --out-dir
+Outputs: bench/FIDELITY.md, bench/fidelity.csv, bench/fidelity_kept.png, bench/fidelity_chunks.png.
 """
 from __future__ import annotations
 
@@ -27,8 +31,12 @@ import csv
 import datetime
 import json
 import math
+import os
 import platform
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +45,13 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 DATA_DIR = BENCH_DIR / "data"
-DEFAULT_DELTA = 0.005
-DEFAULT_SWEEP = (0.0025, 0.005, 0.01, 0.02, 0.05)
-DEFAULT_SWEEP_TASK = "sentiment"
-DEFAULT_QUERIES = 120
-ACCURACIES = {"acc_ll": "LL", "acc_cal": "LL calibrated", "acc_gen": "generation"}
-COLUMNS = ["task", "method", "delta", "keep_ratio", "context_tokens", "kept_tokens", "compression",
-           "acc_ll", "acc_cal", "acc_gen", "label_agree", "js", "top1", "compress_s", "queries"]
+DEFAULT_RATIOS = (0.5, 0.25, 0.1)
+DEFAULT_DELTAS = (0.005, 0.02)
+DEFAULT_QUERIES = 50
+DEFAULT_CHUNKS = (1, 2, 4, 8, 16)
+FIXED_METHODS = ("snapkv", "tova", "streaming", "uniform")
+COLUMNS = ["task", "method", "setting", "kept", "compression", "js", "top1", "accuracy", "seconds",
+           "chunks", "peak_mb", "memory_mb"]
 
 
 @dataclass
@@ -55,20 +63,6 @@ class Task:
     labels: list
     demos: list
     queries: list
-
-
-@dataclass
-class Answers:
-    """What one method answered for the queries of a task.
-
-    first      fp32 [N, V] log-probs of the first answer token
-    label_ll   fp32 [N, n_labels] log-likelihood of each label (sum over its tokens)
-    generated  list[str] greedy answers
-    """
-
-    first: torch.Tensor
-    label_ll: torch.Tensor
-    generated: list
 
 
 def load_tasks(names=None, data_dir=DATA_DIR) -> list:
@@ -90,79 +84,25 @@ def load_tasks(names=None, data_dir=DATA_DIR) -> list:
     return tasks
 
 
-# -- answering ------------------------------------------------------------------------------
-def _label_ids(tokenizer, labels) -> list:
-    return [tokenizer(label, add_special_tokens=False)["input_ids"] for label in labels]
+# -- answers and metrics ----------------------------------------------------------------------
+def first_token_logprobs(comp, memory, task: Task) -> torch.Tensor:
+    """fp32 [N, V] log-probabilities of the first answer token of each query, read from memory."""
+    return torch.stack([torch.log_softmax(comp.logits(memory, q["input"])[0].float(), dim=-1)
+                        for q in task.queries])
 
 
-def _sequence_ll(logits: torch.Tensor, ids: list) -> float:
-    """Sum of log p(ids[i]) under rows logits[i] (rows [len(ids) (+1), V])."""
-    logp = torch.log_softmax(logits[:len(ids)].float(), dim=-1)
-    return float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum())
-
-
-def _scores_from_memory(comp, memory, text: str, labels, label_ids):
-    """(log-probs [V] of the first answer token, label log-likelihoods) of one query read from memory.
-
-    Single-token labels are read from row 0 of comp.logits(memory, text) (identical to their
-    continuation score); longer labels are scored with comp.logits(..., continuation=label).
-    """
-    logp0 = torch.log_softmax(comp.logits(memory, text)[0].float(), dim=-1)
-    ll = [float(logp0[ids[0]]) if len(ids) == 1
-          else _sequence_ll(comp.logits(memory, text, continuation=label), ids)
-          for label, ids in zip(labels, label_ids)]
-    return logp0, ll
-
-
-def answer_from_memory(comp, memory, task: Task, max_new_tokens: int, batch_size: int = 32) -> Answers:
-    """Score every label and generate greedily for each query, reading `memory` through `comp`."""
-    label_ids = _label_ids(comp.tokenizer, task.labels)
-    scores = [_scores_from_memory(comp, memory, q["input"], task.labels, label_ids) for q in task.queries]
-    generated = []
-    inputs = [q["input"] for q in task.queries]
-    for start in range(0, len(inputs), batch_size):
-        generated += comp.generate(memory, inputs[start:start + batch_size], max_new_tokens=max_new_tokens)
-    return Answers(torch.stack([f for f, _ in scores]), torch.tensor([ll for _, ll in scores]), generated)
-
-
-def _scores_direct(model, ids: list, label_ids):
-    """The same as _scores_from_memory for the plain model on token ids (no memory)."""
-    logp0 = torch.log_softmax(model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float(), dim=-1)
-    ll = [float(logp0[t[0]]) if len(t) == 1
-          else _sequence_ll(model(input_ids=torch.tensor([ids + t]), logits_to_keep=len(t) + 1).logits[0], t)
-          for t in label_ids]
-    return logp0, ll
-
-
-def answer_zero_shot(model, tokenizer, task: Task, max_new_tokens: int) -> Answers:
-    """The same scores with no demonstrations: the model run directly on system + query.
-
-    (emloc has no empty memory: compress needs at least one demo.)
-    """
-    label_ids = _label_ids(tokenizer, task.labels)
-    stop = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
-
-    def prompt(text):
-        messages = [{"role": "system", "content": task.system}, {"role": "user", "content": text}]
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
-
-    scores, generated = [], []
+def zero_shot_logprobs(model, tokenizer, task: Task) -> torch.Tensor:
+    """The same without demonstrations: the model run on the system message and the query."""
+    rows = []
     with torch.no_grad():
         for q in task.queries:
-            ids = prompt(q["input"])
-            scores.append(_scores_direct(model, ids, label_ids))
-            ids_t = torch.tensor([ids])
-            out = model.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), do_sample=False,
-                                 max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad)
-            new = out[0, len(ids):].tolist()
-            new = new[:new.index(stop)] if stop in new else new
-            generated.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-    return Answers(torch.stack([f for f, _ in scores]), torch.tensor([ll for _, ll in scores]), generated)
+            messages = [{"role": "system", "content": task.system}, {"role": "user", "content": q["input"]}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            rows.append(torch.log_softmax(model(input_ids=ids, logits_to_keep=1).logits[0, -1].float(), dim=-1))
+    return torch.stack(rows)
 
 
-# -- metrics --------------------------------------------------------------------------------
 def js_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """JS divergence in nats per row between log-prob rows [N, V] (fp64, >= 0; at most ln 2)."""
     lp, lq = logp.double(), logq.double()
@@ -172,76 +112,139 @@ def js_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (0.5 * (kl_p + kl_q)).clamp_min(0.0)
 
 
-def metrics(answers: Answers, reference: Answers, task: Task) -> dict:
-    """Accuracies (log-likelihood, calibrated, generation), label agreement, JS and top-1 vs `reference`.
+def label_first_ids(tokenizer, labels) -> list:
+    """The first token id of each label as the answer would start it."""
+    return [tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels]
 
-    Calibrated: batch calibration (Zhou et al., ICLR 2024): argmax of each query's label
-    log-likelihoods minus their mean over all the queries; it removes the label bias a long context
-    gives a small model (SmolLM2-135M answers nearly every query with one label).
-    """
+
+def metrics(logprobs: torch.Tensor, reference: torch.Tensor, task: Task, label_ids) -> dict:
+    """JS and top-1 agreement against `reference` ([N, V] each), and accuracy: the label whose
+    first token is most likely equals the query's answer."""
     gold = torch.tensor([task.labels.index(q["output"]) for q in task.queries])
-    pred = answers.label_ll.argmax(-1)
-    calibrated = (answers.label_ll - answers.label_ll.mean(0)).argmax(-1)
-    gen_ok = [a.strip().lower() == q["output"].strip().lower() for a, q in zip(answers.generated, task.queries)]
-    return {
-        "acc_ll": float((pred == gold).double().mean()),
-        "acc_cal": float((calibrated == gold).double().mean()),
-        "acc_gen": sum(gen_ok) / len(gen_ok),
-        "label_agree": float((pred == reference.label_ll.argmax(-1)).double().mean()),
-        "js": float(js_divergence(reference.first, answers.first).mean()),
-        "top1": float((answers.first.argmax(-1) == reference.first.argmax(-1)).double().mean()),
-    }
+    predicted = logprobs[:, label_ids].argmax(dim=-1)
+    return {"js": float(js_divergence(reference, logprobs).mean()),
+            "top1": float((logprobs.argmax(-1) == reference.argmax(-1)).double().mean()),
+            "accuracy": float((predicted == gold).double().mean())}
 
 
-# -- one task -------------------------------------------------------------------------------
-def _memory_row(task, method, memory, seconds, delta=None, keep_ratio=None) -> dict:
-    kept = sum(memory.layer_lengths) / len(memory.layer_lengths)
-    return {"task": task.name, "method": method, "delta": delta, "keep_ratio": keep_ratio,
-            "context_tokens": memory.context_length, "kept_tokens": kept,
-            "compression": memory.compression_ratio, "compress_s": seconds, "queries": len(task.queries)}
-
-
-def run_task(model, tokenizer, task: Task, delta=DEFAULT_DELTA, sweep=DEFAULT_SWEEP, backend="auto",
-             log=print) -> list:
-    """All rows (dicts with COLUMNS) of one task: zero-shot, full, emloc per δ, uniform, pyramid."""
+# -- one task ---------------------------------------------------------------------------------
+def compress_timed(model, tokenizer, task: Task, settings: dict, backend="auto"):
+    """(EMLoC, TaskMemory, seconds) for `settings` (EMLoC keyword arguments)."""
     from emloc import EMLoC
 
-    max_new = max(len(ids) for ids in _label_ids(tokenizer, task.labels)) + 2
+    comp = EMLoC(model, tokenizer, backend=backend, progress=False, **settings)
+    t0 = time.perf_counter()
+    memory = comp.compress(task.demos, system=task.system)
+    return comp, memory, time.perf_counter() - t0
 
-    def timed_compress(**kwargs):
-        comp = EMLoC(model, tokenizer, backend=backend, progress=False, **kwargs)
-        t0 = time.perf_counter()
-        memory = comp.compress(task.demos, system=task.system)
-        return comp, memory, time.perf_counter() - t0
 
-    def evaluate(row, answers):
-        row.update(metrics(answers, reference, task))
-        log(f"  {row['method']:<9} δ={_fmt(row['delta'], 'g'):<7} "
-            f"compression {_fmt(row['compression'], '5.2f')}x  acc LL {row['acc_ll']:.3f} cal {row['acc_cal']:.3f} "
-            f"gen {row['acc_gen']:.3f}  "
-            f"JS {row['js']:.5f}  top-1 {row['top1']:.3f}  ({row['compress_s']:.0f} s to compress)")
-        return row
+def _describe(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("method", "preset")) or "-"
 
-    comp, full_memory, seconds = timed_compress(method="full")
-    log(f"{task.name}: {len(task.demos)} demos, {full_memory.context_length} context tokens, "
-        f"{len(task.queries)} queries")
-    reference = answer_from_memory(comp, full_memory, task, max_new)
-    rows = [evaluate(_memory_row(task, "full", full_memory, seconds), reference)]
-    zero = answer_zero_shot(model, tokenizer, task, max_new)
-    rows.insert(0, evaluate({"task": task.name, "method": "zero-shot", "delta": None, "keep_ratio": None,
-                             "context_tokens": 0, "kept_tokens": 0, "compression": None, "compress_s": 0.0,
-                             "queries": len(task.queries)}, zero))
-    keep = None
-    for d in sorted(set(sweep) | {delta}):
-        comp, memory, seconds = timed_compress(tolerance=d)
-        rows.append(evaluate(_memory_row(task, "emloc", memory, seconds, delta=d),
-                             answer_from_memory(comp, memory, task, max_new)))
-        if d == delta:
-            keep = min(1.0, 1.0 / memory.compression_ratio)
-    for method in ("uniform", "pyramid"):
-        comp, memory, seconds = timed_compress(method=method, keep_ratio=keep)
-        rows.append(evaluate(_memory_row(task, method, memory, seconds, keep_ratio=keep),
-                             answer_from_memory(comp, memory, task, max_new)))
+
+def search_label(preset: str) -> str:
+    return "emloc" if preset == "faithful" else f"preset {preset}"
+
+
+def method_runs(ratios, deltas, presets) -> list:
+    """(method label, EMLoC settings) of every compressed run of one task, in report order; the
+    searches run each preset ("faithful" is labelled emloc) at each δ."""
+    runs = [(m, {"method": m, "keep_ratio": r}) for r in ratios for m in FIXED_METHODS]
+    return runs + [(search_label(p), {"preset": p, "tolerance": d}) for p in presets for d in deltas]
+
+
+def run_task(model, tokenizer, task: Task, ratios=DEFAULT_RATIOS, deltas=DEFAULT_DELTAS, presets=(),
+             backend="auto", log=print) -> tuple:
+    """(rows of COLUMNS for zero-shot, full and every run, the full context's log-probs [N, V])."""
+    label_ids = label_first_ids(tokenizer, task.labels)
+    comp, full_memory, seconds = compress_timed(model, tokenizer, task, {"method": "full"}, backend)
+    reference = first_token_logprobs(comp, full_memory, task)
+    context = full_memory.context_length
+    log(f"{task.name}: {len(task.demos)} demos, {context} context tokens, {len(task.queries)} queries")
+
+    def row(method, setting, logprobs, memory=None, seconds=0.0):
+        kept = 0.0 if memory is None else 1.0 / memory.compression_ratio
+        r = {"task": task.name, "method": method, "setting": setting, "kept": kept,
+             "compression": None if memory is None else memory.compression_ratio, "seconds": seconds,
+             "chunks": None if memory is None else len(memory.stats), "peak_mb": None, "memory_mb": None,
+             **metrics(logprobs, reference, task, label_ids)}
+        log(f"  {method:<18} {setting:<34} kept {kept:.3f}  JS {r['js']:.5f}  top-1 {r['top1']:.2f}  "
+            f"acc {r['accuracy']:.2f}  ({seconds:.0f} s)")
+        return r
+
+    rows = [row("zero-shot", "-", zero_shot_logprobs(model, tokenizer, task)),
+            row("full", "-", reference, full_memory, seconds)]
+    for method, settings in method_runs(ratios, deltas, presets):
+        comp, memory, seconds = compress_timed(model, tokenizer, task, settings, backend)
+        rows.append(row(method, _describe(settings), first_token_logprobs(comp, memory, task), memory, seconds))
+    return rows, reference
+
+
+# -- the chunk sweep: one fresh process per point, with its peak memory ----------------------
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (Linux /proc)."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def child_main(spec: dict) -> dict:
+    """In a fresh process: compress spec["task"] with spec["settings"], sampling the RSS every
+    5 ms; then the metrics against the reference log-probs saved at spec["reference"]."""
+    import gc
+
+    from emloc.models import load_model
+
+    torch.set_num_threads(spec["threads"])
+    (task,) = load_tasks([spec["task"]])
+    task.demos, task.queries = task.demos[:spec.get("demos")], task.queries[:spec["queries"]]
+    model, tokenizer = load_model(spec.get("model"))
+    gc.collect()
+    before = current_rss()
+    peak, done = [before], threading.Event()
+
+    def sample():
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], current_rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    comp, memory, seconds = compress_timed(model, tokenizer, task, spec["settings"], spec["backend"])
+    done.set()
+    sampler.join()
+    reference = torch.load(spec["reference"])
+    result = metrics(first_token_logprobs(comp, memory, task), reference, task,
+                     label_first_ids(tokenizer, task.labels))
+    return {**result, "kept": 1.0 / memory.compression_ratio, "compression": memory.compression_ratio,
+            "seconds": seconds, "chunks": len(memory.stats),
+            "peak_mb": (max(peak[0], current_rss()) - before) / 2**20, "memory_mb": memory.nbytes / 2**20}
+
+
+def chunk_sweep(task: Task, reference, chunks, ratio, presets, args, log=print) -> list:
+    """Rows of the chunk sweep: uniform at `ratio` with the demos cut into each count of `chunks`,
+    then each preset's search at its default δ, each in a fresh child process (with
+    a fixed glibc mmap threshold, so that the RSS tracks live memory)."""
+    runs = [("uniform", {"method": "uniform", "keep_ratio": ratio,
+                         "demos_per_chunk": -(-len(task.demos) // n)}) for n in chunks]
+    runs += [(search_label(p), {"preset": p}) for p in presets]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_path = Path(tmp) / "reference.pt"
+        torch.save(reference, ref_path)
+        for method, settings in runs:
+            spec = {"task": task.name, "demos": len(task.demos), "queries": len(task.queries), "settings": settings, "backend": args.backend,
+                    "threads": args.threads, "reference": str(ref_path), "model": args.model}
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                 text=True, env=env)
+            if out.returncode != 0:
+                raise RuntimeError(f"chunk-sweep child failed: {out.stderr[-2000:]}")
+            r = {"task": task.name, "method": method, "setting": _describe(settings),
+                 **json.loads(out.stdout.strip().splitlines()[-1])}
+            log(f"  sweep {method:<14} {r['setting']:<34} chunks {r['chunks']:>3}  kept {r['kept']:.3f}  "
+                f"JS {r['js']:.5f}  top-1 {r['top1']:.2f}  peak +{r['peak_mb']:.0f} MiB  ({r['seconds']:.0f} s)")
+            rows.append(r)
     return rows
 
 
@@ -250,78 +253,60 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def headline_rows(rows, delta=DEFAULT_DELTA) -> list:
-    """Per task: zero-shot, full, emloc at `delta`, uniform, pyramid (in that order)."""
-    keep = [r for r in rows if r["method"] != "emloc" or r["delta"] == delta]
-    order = {"zero-shot": 0, "full": 1, "emloc": 2, "uniform": 3, "pyramid": 4}
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    return sorted(keep, key=lambda r: (tasks.index(r["task"]), order[r["method"]]))
+TABLE_HEADER = ("| method | setting | kept | compression | JS vs full | top-1 vs full | accuracy | chunks "
+                "| compress s |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
 
 
-def target_lines(rows, delta=DEFAULT_DELTA) -> list:
-    """One line per task: emloc at `delta` vs the targets of issue 7."""
-    lines = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        by = {r["method"]: r for r in headline_rows(rows, delta) if r["task"] == task}
-        e, f = by["emloc"], by["full"]
-        change = {k: 100 * (e[k] - f[k]) for k in ACCURACIES}
-        checks = {**{f"{ACCURACIES[k]} within 1 pt of full": change[k] >= -1.0 for k in ACCURACIES},
-            "compression >= 3x": e["compression"] >= 3.0,
-            "JS below uniform": e["js"] < by["uniform"]["js"],
-            "JS below pyramid": e["js"] < by["pyramid"]["js"],
-        }
-        verdict = ", ".join(f"{k}: {'yes' if ok else 'NO'}" for k, ok in checks.items())
-        changes = " / ".join(f"{change[k]:+.1f} pt ({ACCURACIES[k]})" for k in ACCURACIES)
-        lines.append(f"- **{task}**: emloc {e['compression']:.2f}x, accuracy change vs full "
-                     f"{changes}, JS {e['js']:.5f} vs uniform "
-                     f"{by['uniform']['js']:.5f} / pyramid {by['pyramid']['js']:.5f}. {verdict}")
-    return lines
+def _line(r) -> str:
+    return (f"| {r['method']} | {r['setting']} | {r['kept']:.3f} | {_fmt(r['compression'], '.2f')} "
+            f"| {r['js']:.5f} | {r['top1']:.2f} | {r['accuracy']:.2f} | {_fmt(r['chunks'], 'd')} "
+            f"| {r['seconds']:.0f} |")
 
 
-def markdown(rows, delta=DEFAULT_DELTA, command="emloc bench fidelity", seconds=None,
-             model_name="SmolLM2-135M-Instruct (bundled, Q4_1 GGUF de-quantised to fp32)") -> str:
-    """The results page: headline table, δ sweep table, target check."""
-    header = ("| task | method | δ | keep ratio | context | kept/layer | compression | acc LL | acc LL cal "
-              "| acc gen | label agree | JS vs full | top-1 vs full | compress s |\n" + "|---" * 14 + "|")
-
-    def line(r):
-        return (f"| {r['task']} | {r['method']} | {_fmt(r['delta'], 'g')} | {_fmt(r['keep_ratio'], '.3f')} "
-                f"| {r['context_tokens']} | {r['kept_tokens']:.1f} | {_fmt(r['compression'], '.2f')} "
-                f"| {r['acc_ll']:.3f} | {r['acc_cal']:.3f} | {r['acc_gen']:.3f} | {r['label_agree']:.3f} "
-                f"| {r['js']:.5f} "
-                f"| {r['top1']:.3f} | {r['compress_s']:.1f} |")
-
+def markdown(rows, sweep_rows, command, seconds=None, model_name="SmolLM2-135M-Instruct (bundled)") -> str:
+    """The results page: per task every run, then the chunk sweep."""
     import transformers
 
-    sweep = sorted((r for r in rows if r["method"] == "emloc"), key=lambda r: (r["task"], r["delta"]))
-    n = sorted({r["queries"] for r in rows})
-    parts = [
-        f"# Fidelity on {model_name}",
-        "",
-        f"Generated by `{command}` on {datetime.date.today().isoformat()}, CPU {platform.machine()}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}"
-        + (f", {seconds / 60:.1f} min in total." if seconds is not None else "."),
-        f"Tasks and their sources: bench/data/SOURCES.md. Queries per task: {', '.join(map(str, n))} "
-        f"(one query is {100 / max(n):.2f} accuracy points or more). JS: first answer token, natural log.",
-        "Accuracies: acc LL = the label of highest log-likelihood; acc LL cal = the same after batch "
-        "calibration (each label's mean log-likelihood over the queries subtracted: the long context makes "
-        "this 135M model answer nearly every query with one label); acc gen = greedy generation, exact match. "
-        "Label agree: fraction of queries whose (uncalibrated) log-likelihood label equals the full context's.",
-        "",
-        f"## Headline (emloc at δ = {delta}; uniform and pyramid at emloc's kept fraction)",
-        "",
-        header, *map(line, headline_rows(rows, delta)),
-        "",
-        "## Targets (issue 7)",
-        "",
-        *target_lines(rows, delta),
-        "",
-        "## δ sweep (emloc): compression vs accuracy",
-        "",
-        header, *map(line, sweep),
-        "",
-    ]
+    parts = [f"# Fidelity on {model_name}", "",
+             f"Generated by `{command}` on {datetime.date.today().isoformat()}, CPU {platform.machine()}, "
+             f"torch {torch.__version__}, transformers {transformers.__version__}"
+             + (f", {seconds / 60:.1f} min in total." if seconds is not None else "."),
+             "JS (natural log) and top-1 agreement: the first answer token's distribution against the full "
+             "context's, mean over the held-out queries. Kept: mean kept tokens per layer / context tokens. "
+             "Accuracy: the label whose first token is most likely. Tasks and sources: bench/data/SOURCES.md.", ""]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        task_rows = [r for r in rows if r["task"] == task]
+        n = next(r["chunks"] for r in task_rows if r["method"] == "full")
+        parts += [f"## {task} ({n} chunks of 4 demos in the faithful method)", "", TABLE_HEADER,
+                  *map(_line, task_rows), ""]
+    if sweep_rows:
+        parts += [f"## Chunk sweep ({sweep_rows[0]['task']}): fixed budget, 1 to 16 chunks, peak memory", "",
+                  "Each row in a fresh process; peak = the highest RSS while compressing above the RSS with "
+                  "the model loaded (sampled every 5 ms, glibc mmap threshold fixed at 128 KiB).", "",
+                  "| method | setting | chunks | kept | JS vs full | top-1 vs full | peak MiB | memory MiB | compress s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        parts += [f"| {r['method']} | {r['setting']} | {r['chunks']} | {r['kept']:.3f} | {r['js']:.5f} "
+                  f"| {r['top1']:.2f} | {r['peak_mb']:.1f} | {r['memory_mb']:.1f} | {r['seconds']:.0f} |"
+                  for r in sweep_rows]
+        parts.append("")
     return "\n".join(parts)
+
+
+def read_csv(paths) -> tuple:
+    """(rows, sweep rows) from CSVs written by earlier runs (sweep rows have a peak memory); a
+    (task, method, setting) row seen in an earlier file is not repeated."""
+    numbers = {"kept", "compression", "js", "top1", "accuracy", "seconds", "peak_mb", "memory_mb"}
+    rows, sweep, seen = [], [], set()
+    for path in paths:
+        with Path(path).open(newline="") as f:
+            for r in csv.DictReader(f):
+                r = {k: (None if v == "" else int(v) if k == "chunks" else float(v) if k in numbers else v)
+                     for k, v in r.items()}
+                key = (r["task"], r["method"], r["setting"], r["peak_mb"] is not None)
+                if key not in seen:
+                    seen.add(key)
+                    (sweep if r["peak_mb"] is not None else rows).append(r)
+    return rows, sweep
 
 
 def write_csv(rows, path) -> None:
@@ -329,11 +314,11 @@ def write_csv(rows, path) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
+            writer.writerow({k: ("" if r.get(k) is None else r[k]) for k in COLUMNS})
 
 
-def plot_sweep(rows, path, metric="acc_cal") -> bool:
-    """compression vs accuracy (`metric`) and vs JS per task; False (with a message) without matplotlib."""
+def plot(rows, sweep_rows, kept_path, chunks_path) -> bool:
+    """JS and top-1 vs kept fraction per task and method; JS vs chunk count. False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -341,65 +326,80 @@ def plot_sweep(rows, path, metric="acc_cal") -> bool:
     except ImportError:
         print("matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr)
         return False
-    fig, (ax_acc, ax_js) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for i, task in enumerate(dict.fromkeys(r["task"] for r in rows)):
-        color = f"C{i}"
-        sweep = sorted((r for r in rows if r["task"] == task and r["method"] == "emloc"), key=lambda r: r["delta"])
-        x = [r["compression"] for r in sweep]
-        ax_acc.plot(x, [r[metric] for r in sweep], "o-", color=color, label=f"{task} emloc")
-        ax_js.plot(x, [r["js"] for r in sweep], "o-", color=color, label=f"{task} emloc")
-        for r in sweep:
-            ax_acc.annotate(f"{r['delta']:g}", (r["compression"], r[metric]), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
-        by = {r["method"]: r for r in rows if r["task"] == task}
-        ax_acc.axhline(by["full"][metric], color=color, ls="--", lw=1)
-        ax_acc.axhline(by["zero-shot"][metric], color=color, ls=":", lw=1)
-        for method, marker in (("uniform", "s"), ("pyramid", "^")):
-            r = by[method]
-            ax_acc.plot(r["compression"], r[metric], marker, color=color, mfc="none", ms=8)
-            ax_js.plot(r["compression"], r["js"], marker, color=color, mfc="none", ms=8)
-    ax_acc.set(xlabel="compression ratio (context / mean kept tokens per layer)",
-               ylabel=f"accuracy ({ACCURACIES[metric]})",
-               title="emloc δ sweep (labels: δ); -- full context, : zero-shot; □ uniform, △ pyramid")
-    ax_js.set(xlabel="compression ratio", ylabel="mean JS vs full context (nats)", yscale="log",
-              title="first-answer-token JS divergence vs full context")
-    ax_acc.title.set_fontsize(9)
-    ax_js.title.set_fontsize(9)
-    ax_acc.legend(fontsize=8)
-    ax_js.legend(fontsize=8)
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 8), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] not in ("full", "zero-shot")))
+    for col, task in enumerate(tasks):
+        ax_js, ax_top = axes[0][col], axes[1][col]
+        for i, method in enumerate(methods):
+            points = sorted((r["kept"], r["js"], r["top1"]) for r in rows if r["task"] == task and r["method"] == method)
+            style = "o-" if method in FIXED_METHODS else "s--"
+            ax_js.plot([p[0] for p in points], [max(p[1], 1e-6) for p in points], style, color=f"C{i}", label=method)
+            ax_top.plot([p[0] for p in points], [p[2] for p in points], style, color=f"C{i}", label=method)
+        zero = next(r for r in rows if r["task"] == task and r["method"] == "zero-shot")
+        ax_js.axhline(zero["js"], color="grey", ls=":", lw=1, label="zero-shot")
+        ax_top.axhline(zero["top1"], color="grey", ls=":", lw=1)
+        ax_js.set(title=f"{task}: JS to the full context", xlabel="kept fraction", ylabel="mean JS (nats)", yscale="log")
+        ax_top.set(title=f"{task}: top-1 agreement with the full context", xlabel="kept fraction",
+                   ylabel="top-1 agreement", ylim=(0, 1.02))
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(kept_path, dpi=110)
     plt.close(fig)
+    if sweep_rows:
+        uniform = [r for r in sweep_rows if r["method"] == "uniform"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["chunks"] for r in uniform], [r["js"] for r in uniform], "o-", label=uniform[0]["setting"].split(",")[0])
+        ax.set(xscale="log", yscale="log", xlabel="chunks", ylabel="mean JS to the full context",
+               title=f"{uniform[0]['task']}: same kept fraction, more chunks")
+        ax.set_xticks([r["chunks"] for r in uniform], [str(r["chunks"]) for r in uniform])
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(chunks_path, dpi=110)
+        plt.close(fig)
     return True
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="emloc bench fidelity", description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=None, help="task names (default: all of bench/data/tasks.json)")
-    p.add_argument("--queries", type=int, default=DEFAULT_QUERIES,
-                   help=f"held-out queries per task, at most 150 (default {DEFAULT_QUERIES})")
+    p.add_argument("--queries", type=int, default=DEFAULT_QUERIES, help=f"held-out queries per task (default {DEFAULT_QUERIES})")
     p.add_argument("--demos", type=int, default=None, help="use only the first N demos (default: all)")
-    p.add_argument("--delta", type=float, default=DEFAULT_DELTA, help=f"headline δ (default {DEFAULT_DELTA})")
-    p.add_argument("--sweep", type=float, nargs="+", default=list(DEFAULT_SWEEP), help="δ values of the sweep")
-    p.add_argument("--sweep-tasks", nargs="+", default=[DEFAULT_SWEEP_TASK],
-                   help=f"tasks that get the δ sweep, or 'all' (default {DEFAULT_SWEEP_TASK}: each δ is one "
-                        "more compression, ~3-7 min per task on 2 shared cores)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a shared 2-core machine two threads spin "
-                        "against other processes and run several times slower)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run (~2 min): the first task, 4 demos, 5 queries, sweep 0.005 0.05; "
-                        "writes files only with --out-dir")
-    p.add_argument("--out-dir", type=Path, default=None, help="where the table, CSV and plot go (default bench/)")
+    p.add_argument("--ratios", type=float, nargs="*", default=list(DEFAULT_RATIOS), help="kept fractions of the fixed methods")
+    p.add_argument("--deltas", type=float, nargs="*", default=list(DEFAULT_DELTAS), help="δ values of the searches")
+    p.add_argument("--presets", nargs="*", default=None,
+                   help="presets whose searches run at each δ (default: faithful and the recommended one)")
+    p.add_argument("--chunk-task", default="sentiment", help="task of the chunk sweep ('none' to skip)")
+    p.add_argument("--chunks", type=int, nargs="+", default=list(DEFAULT_CHUNKS), help="chunk counts of the sweep")
+    p.add_argument("--chunk-ratio", type=float, default=0.25, help="kept fraction of the chunk sweep (uniform)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--quick", action="store_true", help="smoke run: the first task, 8 demos, 4 queries; writes only with --out-dir")
+    p.add_argument("--out-dir", type=Path, default=None, help="where the page, CSV and plots go (default bench/)")
     p.add_argument("--model", default=None, help="model folder or .gguf (default: the bundled SmolLM2-135M)")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--from-csv", nargs="+", type=Path, default=None, metavar="CSV",
+                   help="no runs: write the page, CSV and plots from the CSVs of earlier runs (e.g. one per task)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child_main(json.loads(args.child))))
+        return 0
+    command = " ".join(["emloc bench fidelity", *(sys.argv[1:] if argv is None else argv)])
+    if args.from_csv:
+        rows, sweep_rows = read_csv(args.from_csv)
+        return write_outputs(rows, sweep_rows, markdown(rows, sweep_rows, command), args.out_dir or BENCH_DIR)
+    import emloc
     from emloc import EMLoCError
     from emloc.models import load_model
 
+    presets = args.presets if args.presets is not None else ["faithful", emloc.RECOMMENDED_PRESET]
+    for name in presets:
+        if name not in emloc.PRESETS:
+            raise EMLoCError(f"unknown preset {name!r}; the presets are {', '.join(emloc.PRESETS)}")
     if args.quick:
         args.tasks = args.tasks or [next(iter(json.loads((DATA_DIR / "tasks.json").read_text())))]
-        args.demos, args.queries, args.sweep, args.sweep_tasks = args.demos or 4, 5, [0.005, 0.05], ["all"]
+        args.demos, args.queries, args.ratios, args.deltas = args.demos or 8, 4, [0.25], [0.05]
+        args.chunks = [1, 2]
     for name, value in (("--queries", args.queries), ("--demos", args.demos), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise EMLoCError(f"{name} must be >= 1, got {value}")
@@ -407,30 +407,35 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tasks = load_tasks(args.tasks)
-    swept = {t.name for t in tasks} if "all" in args.sweep_tasks else {t.name for t in load_tasks(args.sweep_tasks)}
-    print(f"tasks: {', '.join(t.name for t in tasks)}; δ sweep {args.sweep} on: {', '.join(sorted(swept)) or 'none'}; "
-          f"{args.threads} thread(s)")
     model, tokenizer = load_model(args.model)
-    rows = []
+    rows, sweep_rows = [], []
     for task in tasks:
         task.demos = task.demos[:args.demos] if args.demos else task.demos
         task.queries = task.queries[:args.queries]
-        rows += run_task(model, tokenizer, task, args.delta, args.sweep if task.name in swept else (), args.backend)
+        task_rows, reference = run_task(model, tokenizer, task, args.ratios, args.deltas, presets, args.backend)
+        rows += task_rows
+        if task.name == args.chunk_task:
+            sweep_rows = chunk_sweep(task, reference, args.chunks, args.chunk_ratio, presets, args)
     seconds = time.perf_counter() - t0
-    command = " ".join(["emloc bench fidelity", *(sys.argv[1:] if argv is None else argv)])
-    page = markdown(rows, args.delta, command, seconds, **({"model_name": args.model} if args.model else {}))
-    print("\n" + page)
+    page = markdown(rows, sweep_rows, command, seconds, **({"model_name": args.model} if args.model else {}))
     if out_dir is None:
-        print("(quick run: nothing written; give --out-dir to keep the table, CSV and plot)")
+        print("\n" + page + "\n(quick run: nothing written; give --out-dir to keep the page, CSV and plots)")
         return 0
+    return write_outputs(rows, sweep_rows, page, out_dir)
+
+
+def write_outputs(rows, sweep_rows, page, out_dir) -> int:
+    """Print the page; write it, the CSV and the plots into out_dir."""
+    print("\n" + page)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "fidelity_results.md").write_text(page, encoding="utf-8")
-    write_csv(rows, out_dir / "fidelity.csv")
-    plotted = plot_sweep(rows, out_dir / "fidelity_sweep.png")
-    print(f"wrote {out_dir / 'fidelity_results.md'}, {out_dir / 'fidelity.csv'}"
-          + (f", {out_dir / 'fidelity_sweep.png'}" if plotted else ""))
+    (out_dir / "FIDELITY.md").write_text(page, encoding="utf-8")
+    write_csv(rows + sweep_rows, out_dir / "fidelity.csv")
+    plotted = plot(rows, sweep_rows, out_dir / "fidelity_kept.png", out_dir / "fidelity_chunks.png")
+    print(f"wrote {out_dir / 'FIDELITY.md'}, {out_dir / 'fidelity.csv'}" + (", plots" if plotted else ""))
     return 0
 
 
 if __name__ == "__main__":
+    if str(BENCH_DIR.parent / "src") not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR.parent / "src"))
     sys.exit(main())

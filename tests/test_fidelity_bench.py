@@ -1,4 +1,4 @@
-"""bench/fidelity.py: metrics on known answers, and a smoke run of one task on a tiny random model."""
+"""bench/fidelity.py: metrics on known answers, and smoke runs on a tiny random model."""
 import csv
 import importlib.util
 import math
@@ -32,26 +32,16 @@ def test_js_divergence_known_values():
 def test_metrics_on_known_answers():
     task = fidelity.Task("t", "system", ["neg", "pos"], [], [{"input": f"q{i}", "output": o}
                                                                for i, o in enumerate(["pos", "neg", "pos", "neg"])])
-    first = torch.log_softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [2.0, 0.0, 0.0]]), -1)
-    reference = fidelity.Answers(first, torch.tensor([[-2.0, -1.0], [-1.0, -2.0], [-1.0, -2.0], [-1.0, -3.0]]),
-                                 ["pos", "neg", "pos", "neg"])
-    answers = fidelity.Answers(first.flip(0), torch.tensor([[-2.0, -1.0], [-3.0, -1.0], [-3.0, -1.0], [-1.0, -3.0]]),
-                               [" POS ", "pos", "Pos", "neg."])
-    m = fidelity.metrics(answers, reference, task)
-    assert m["acc_ll"] == 0.75          # predicts pos, pos, pos, neg against pos, neg, pos, neg
-    assert m["acc_gen"] == 0.5          # " POS " and "Pos" match after strip/lower; "neg." does not
-    assert m["label_agree"] == 0.5      # the reference predicts pos, neg, neg, neg
-    assert m["top1"] == 0.5             # rows 0 and 3 are swapped: same argmax; rows 1 and 2 differ
-    assert m["js"] == pytest.approx(float(fidelity.js_divergence(first, first.flip(0)).mean()))
-    assert m["js"] > 0
-    same = fidelity.metrics(reference, reference, task)
-    assert (same["js"], same["top1"], same["label_agree"]) == (0.0, 1.0, 1.0)
-
-    # every query prefers "pos" (a biased context); the margins still order them: calibration helps
-    biased = fidelity.Answers(first, torch.tensor([[-3.0, -1.0], [-2.0, -1.5], [-2.5, -1.2], [-1.6, -1.4]]),
-                              ["pos"] * 4)
-    m = fidelity.metrics(biased, reference, task)
-    assert (m["acc_ll"], m["acc_cal"]) == (0.5, 1.0)
+    label_ids = [2, 0]  # "neg" starts with token 2, "pos" with token 0
+    reference = torch.log_softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 2.0], [2.0, 1.0, 0.0],
+                                                [0.0, 2.0, 0.0]]), -1)
+    answers = torch.log_softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 1.0], [0.0, 0.0, 2.0],
+                                              [1.0, 2.0, 0.0]]), -1)
+    m = fidelity.metrics(answers, reference, task, label_ids)
+    assert m["top1"] == 0.5         # rows 0 and 3 agree; 1 and 2 differ
+    assert m["accuracy"] == 0.5     # token 0 vs token 2: pos, neg, neg, pos against pos, neg, pos, neg
+    assert m["js"] == pytest.approx(float(fidelity.js_divergence(reference, answers).mean())) and m["js"] > 0
+    assert fidelity.metrics(reference, reference, task, label_ids) == {"js": 0.0, "top1": 1.0, "accuracy": 1.0}
 
 
 @pytest.fixture
@@ -63,44 +53,47 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_smoke_run_on_a_tiny_model(tmp_path, one_thread):
-    model, tokenizer = tiny_model(), chat_tokenizer()
+def test_smoke_run_of_one_task_on_a_tiny_model(tmp_path, one_thread):
+    model, tokenizer = tiny_model(std=0.2, seed=3), chat_tokenizer()
     (task,) = fidelity.load_tasks(["sentiment"])
     assert len(task.queries) >= 100 and set(task.labels) == {q["output"] for q in task.queries}
     task.demos, task.queries = task.demos[:8], task.queries[:3]
-    rows = fidelity.run_task(model, tokenizer, task, delta=0.005, sweep=(0.005, 0.05), log=lambda *a: None)
-
-    assert [(r["method"], r["delta"]) for r in rows] == [
-        ("zero-shot", None), ("full", None), ("emloc", 0.005), ("emloc", 0.05), ("uniform", None), ("pyramid", None)]
-    assert all(set(fidelity.COLUMNS) <= set(r) for r in rows)
-    by = {(r["method"], r["delta"]): r for r in rows}
-    full, emloc = by[("full", None)], by[("emloc", 0.005)]
-    assert (full["js"], full["top1"], full["label_agree"], full["compression"]) == (0.0, 1.0, 1.0, 1.0)
-    assert emloc["compression"] > 1.0
-    assert by[("uniform", None)]["keep_ratio"] == pytest.approx(1 / emloc["compression"])
+    rows, reference = fidelity.run_task(model, tokenizer, task, ratios=(0.5,), deltas=(0.05,),
+                                        presets=("faithful", "sink-recent"), log=lambda *a: None)
+    assert [r["method"] for r in rows] == ["zero-shot", "full", *fidelity.FIXED_METHODS, "emloc", "preset sink-recent"]
+    assert reference.shape == (3, model.config.vocab_size)
+    by = {r["method"]: r for r in rows}
+    assert (by["full"]["js"], by["full"]["top1"], by["full"]["kept"]) == (0.0, 1.0, 1.0)
+    assert by["zero-shot"]["js"] > 0
+    for method in ("snapkv", "tova", "streaming", "uniform"):
+        assert by[method]["kept"] == pytest.approx(0.5, abs=0.05)
+    assert by["snapkv"]["chunks"] == 1 and by["uniform"]["chunks"] == 2
+    assert by["emloc"]["setting"] == by["preset sink-recent"]["setting"] == "tolerance=0.05"
     for r in rows:
-        assert 0.0 <= r["acc_ll"] <= 1.0 and 0.0 <= r["js"] <= math.log(2.0) + 1e-12
-
-    # label log-likelihoods from the full memory (a one-token label read from row 0, a longer one
-    # scored as a continuation) equal the plain model run on the uncompressed sequence
-    from emloc import EMLoC
-    comp = EMLoC(model, tokenizer, method="full", progress=False)
-    memory = comp.compress(task.demos, system=task.system)
-    mixed = fidelity.Task("mixed", task.system, ["1", "positive"], task.demos, task.queries[:1])
-    answers = fidelity.answer_from_memory(comp, memory, mixed, max_new_tokens=2)
-    ids = comp.full_inputs(task.demos, mixed.queries[0]["input"], system=task.system)["input_ids"][0].tolist()
-    for j, label in enumerate(mixed.labels):
-        label_ids = tokenizer(label, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids + label_ids])).logits[0, len(ids) - 1:-1]
-        direct = torch.log_softmax(logits, -1)[torch.arange(len(label_ids)), label_ids].sum()
-        assert answers.label_ll[0, j].item() == pytest.approx(direct.item(), abs=1e-4)
-    assert [len(tokenizer(l, add_special_tokens=False)["input_ids"]) for l in mixed.labels][0] == 1
-
-    page = fidelity.markdown(rows)
-    assert "## Headline" in page and "## δ sweep" in page and "## Targets" in page
+        assert 0.0 <= r["js"] <= math.log(2.0) + 1e-12 and 0.0 <= r["accuracy"] <= 1.0
+    page = fidelity.markdown(rows, [], "test")
+    assert "## sentiment" in page and page.count("| snapkv |") == 1
     fidelity.write_csv(rows, tmp_path / "fidelity.csv")
     with (tmp_path / "fidelity.csv").open() as f:
-        reader = csv.DictReader(f)
-        assert reader.fieldnames == fidelity.COLUMNS
-        assert len(list(reader)) == len(rows)
+        assert len(list(csv.DictReader(f))) == len(rows)
+    again, sweep = fidelity.read_csv([tmp_path / "fidelity.csv", tmp_path / "fidelity.csv"])  # repeats dropped
+    assert sweep == [] and [(r["method"], r["js"], r["chunks"]) for r in again] == [
+        (r["method"], pytest.approx(r["js"]), r["chunks"]) for r in rows]
+
+
+def test_child_measures_peak_memory_and_metrics(monkeypatch, one_thread, tmp_path):
+    import emloc.models
+
+    model, tokenizer = tiny_model(std=0.2, seed=3), chat_tokenizer()
+    monkeypatch.setattr(emloc.models, "load_model", lambda path=None: (model, tokenizer))
+    (task,) = fidelity.load_tasks(["region"])
+    task.demos, task.queries = task.demos[:8], task.queries[:2]
+    from emloc import EMLoC
+    comp = EMLoC(model, tokenizer, method="full", progress=False)
+    reference = fidelity.first_token_logprobs(comp, comp.compress(task.demos, system=task.system), task)
+    torch.save(reference, tmp_path / "ref.pt")
+    spec = {"task": "region", "demos": 8, "queries": 2, "backend": "torch", "threads": 1, "reference": str(tmp_path / "ref.pt"),
+            "settings": {"method": "full", "demos_per_chunk": 4}}
+    result = fidelity.child_main(spec)
+    assert (result["js"], result["top1"], result["kept"], result["chunks"]) == (0.0, 1.0, 1.0, 2)
+    assert result["peak_mb"] >= 0 and result["memory_mb"] > 0

@@ -3,10 +3,10 @@ from .attention import routed
 from .compressor import EMLoC
 from .errors import EMLoCError
 from .memory import TaskMemory
-from .presets import PRESETS
+from .presets import PRESETS, RECOMMENDED_PRESET
 from .settings import Settings
 
 from . import pipeline  # registers the "emloc-text-generation" transformers pipeline
 
-__all__ = ["EMLoC", "EMLoCError", "PRESETS", "Settings", "TaskMemory", "routed"]
+__all__ = ["EMLoC", "EMLoCError", "PRESETS", "RECOMMENDED_PRESET", "Settings", "TaskMemory", "routed"]
 __version__ = "0.1.0"

@@ -127,6 +127,8 @@ class ChunkCompressor:
             probe = ProbeBatch(probe_rows, next_offset, self.pad_id, a)
             self._check_fits(int(probe.positions[:, probe.valid].max()) + 1, "the chunk's probe rows")
             protected = torch.tensor(chunk.answer_mask, device=a.device)
+            if memory.context_length == 0:  # the context's first tokens: the attention sink
+                protected[:s.protect_first] = True
             layer_inputs, scores, teacher = self._probe(context, chunk_kv, probe)
             if s.method == "emloc":
                 decisions = self._search(context, chunk_kv, probe, protected, layer_inputs, scores, teacher)

@@ -10,7 +10,11 @@ from .errors import EMLoCError
 
 PRESETS = {
     "faithful": {},
+    # the context's first tokens kept (the attention sink), the most recent demos kept whole,
+    # chunks of about 512 tokens; the search as published on the rest (see bench/FIDELITY.md)
+    "sink-recent": {"protect_first": 4, "recent_tokens": 384, "chunk_tokens": 512},
 }
+RECOMMENDED_PRESET = "sink-recent"
 
 
 def preset_settings(name) -> dict:

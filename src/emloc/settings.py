@@ -30,6 +30,8 @@ class Settings:
                      "all" = the whole uncompressed history (peak memory then grows with it).
     recent_tokens    the last demos whose tokens (each rendered alone) fit in recent_tokens are
                      kept whole in every layer (0 = faithful: every chunk is pruned).
+    protect_first    the context's first tokens (the attention sink) are protected like answer
+                     tokens: kept in every layer (0 = faithful).
     method           "emloc" (search), "full" (no pruning), "uniform" / "pyramid" (fixed schedules
                      by emloc's scores), "snapkv" / "tova" / "streaming" (one-prefill baselines:
                      SnapKV's observation-window scores, TOVA's last-token scores, StreamingLLM's
@@ -53,6 +55,7 @@ class Settings:
     chunk_tokens: int | None = None
     lookback_chunks: int | str = 0
     recent_tokens: int = 0
+    protect_first: int = 0
     window: int = 64
     sinks: int = 4
     pool_width: int = 5
@@ -117,9 +120,10 @@ class Settings:
         lb = self.lookback_chunks
         if lb != "all" and (isinstance(lb, bool) or not isinstance(lb, int) or lb < 0):
             raise EMLoCError(f"lookback_chunks must be an integer >= 0 or 'all', got {lb!r}")
-        rt = self.recent_tokens
-        if isinstance(rt, bool) or not isinstance(rt, int) or rt < 0:
-            raise EMLoCError(f"recent_tokens must be an integer >= 0, got {rt!r}")
+        for name in ("recent_tokens", "protect_first"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise EMLoCError(f"{name} must be an integer >= 0, got {value!r}")
         positive_int("window", self.window)
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             raise EMLoCError(f"sinks must be an integer >= 0, got {self.sinks!r}")
