@@ -261,3 +261,20 @@ def test_baselines_take_the_whole_context_in_one_chunk_unless_told():
     model = tiny_model("llama", std=0.2, seed=2)
     comp = emloc.EMLoC(model, chat_tokenizer(), method="tova", keep_ratio=0.5, demos_per_chunk=3, progress=False)
     assert len(comp.compress(DEMOS).stats) == 3
+
+
+# -- the demo ----------------------------------------------------------------------------------
+def test_demo_prints_answers_without_demos_with_the_full_context_and_from_the_memory(monkeypatch):
+    import emloc.demo
+
+    model = tiny_model("llama", std=0.2, seed=5)
+    monkeypatch.setattr(emloc.demo, "load_model", lambda path=None: (model, chat_tokenizer()))
+    lines = []
+    result = emloc.demo.run_demo(n_demos=8, n_queries=3, preset="sink-recent", out=lines.append)
+    demos, queries = emloc.demo.load_word_sentiment()
+    assert len(demos) == 108 and len(queries) == 150
+    header = next(i for i, line in enumerate(lines) if line.startswith("word"))
+    assert "no demos" in lines[header] and "full context" in lines[header]
+    assert len(lines[header + 1:header + 4]) == 3 and lines[-1].startswith("exact answers: no demos")
+    assert result["memory"].settings["recent_tokens"] == emloc.PRESETS["sink-recent"]["recent_tokens"]
+    assert len(result["zero_shot_answers"]) == len(result["answers"]) == len(result["full_answers"]) == 3

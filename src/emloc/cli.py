@@ -14,7 +14,10 @@ from pathlib import Path
 
 from .errors import EMLoCError
 from .media import KINDS
+from .demo import N_DEMOS, N_QUERIES
 from .memory_file import FORMAT_VERSION
+from .presets import PRESETS, RECOMMENDED_PRESET
+from .settings import METHODS
 from .rendering import check_content, check_text
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED = 0, 1, 2, 130, 141
@@ -129,7 +132,7 @@ def cmd_demo(args) -> int:
     _positive("--demos", args.demos)
     _positive("--queries", args.queries)
     _refuse_triton_on_cpu(args.backend)
-    run_demo(args.model, n_demos=args.demos, n_queries=args.queries, backend=args.backend)
+    run_demo(args.model, n_demos=args.demos, n_queries=args.queries, backend=args.backend, preset=args.preset)
     return EXIT_OK
 
 
@@ -155,16 +158,18 @@ def cmd_compress(args) -> int:
     from .compressor import EMLoC
     from .models import load_model, model_path
     from .output_files import check_free_space, prepare_output
-    from .settings import Settings
+    from .presets import resolve_settings
 
     # everything that can be checked without the model is checked before it loads
     demos_path = Path(args.demos)
     rows = _read_jsonl(demos_path, "demos", need_output=True)
     out = prepare_output(args.out, {"demos file": demos_path, "model": model_path(args.model)},
                          default_name=demos_path.stem + ".emloc")
-    settings = dict(tolerance=args.tolerance, ratios=tuple(args.ratios), demos_per_chunk=args.demos_per_chunk,
-                    method=args.method, keep_ratio=args.keep_ratio, backend=args.backend)
-    Settings(**settings)
+    settings = dict(tolerance=args.tolerance, ratios=None if args.ratios is None else tuple(args.ratios),
+                    demos_per_chunk=args.demos_per_chunk, method=args.method, keep_ratio=args.keep_ratio,
+                    backend=args.backend, preset=args.preset, chunk_tokens=args.chunk_tokens,
+                    recent_tokens=args.recent_tokens, protect_first=args.protect_first)
+    resolve_settings(**settings)
     _refuse_triton_on_cpu(args.backend)
     if args.system is not None:
         check_text(args.system, "--system")
@@ -417,14 +422,17 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=summary, description=description, epilog=EXIT_CODES,
                               formatter_class=fmt)
 
-    d = command("demo", "compress the shipped capitals task on the bundled model and compare answers",
-                "Compress --demos demonstrations of the shipped task (capital cities) with EMLoC and\n"
-                "with the full context, answer --queries held-out questions from both and compare.")
+    d = command("demo", "compress the shipped word-sentiment task on the bundled model and compare answers",
+                "Compress --demos demonstrations of the shipped task (is a word positive or negative?)\n"
+                "with --preset and keep the full context too; answer --queries held-out questions\n"
+                "without demonstrations, from the full context and from the memory, and compare.")
     d.add_argument("--model", default=None, help=model_help, **model_kw)
-    d.add_argument("--demos", type=int, default=72, metavar="N",
-                   help="demonstrations to compress (default 72)")
-    d.add_argument("--queries", type=int, default=10, metavar="N",
-                   help="held-out queries to answer (default 10)")
+    d.add_argument("--demos", type=int, default=N_DEMOS, metavar="N",
+                   help=f"demonstrations to compress (default {N_DEMOS}, at most 108)")
+    d.add_argument("--queries", type=int, default=N_QUERIES, metavar="N",
+                   help=f"held-out queries to answer (default {N_QUERIES}, at most 150)")
+    d.add_argument("--preset", default=RECOMMENDED_PRESET, choices=list(PRESETS),
+                   help=f"compression settings (default {RECOMMENDED_PRESET})")
     d.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help=backend_help)
     d.set_defaults(func=cmd_demo)
 
@@ -448,18 +456,27 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=None, help=model_help, **model_kw)
     c.add_argument("--system", default=None, metavar="TEXT",
                    help="system message opening the first chunk (default: the chat template's own)")
-    c.add_argument("--tolerance", type=float, default=0.005, metavar="DELTA",
+    c.add_argument("--preset", default=None, choices=list(PRESETS),
+                   help=f"named settings (default faithful: the published method; {RECOMMENDED_PRESET} is "
+                   "recommended, see the README); the options below override it")
+    c.add_argument("--tolerance", type=float, default=None, metavar="DELTA",
                    help="JS divergence bound per chunk in nats; larger prunes more, 0 keeps all "
                    "(default 0.005)")
-    c.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.5], metavar="R",
+    c.add_argument("--ratios", type=float, nargs="+", default=None, metavar="R",
                    help="candidate keep-ratios, tried in increasing order (default 0.1 0.2 0.5)")
-    c.add_argument("--demos-per-chunk", type=int, default=4, metavar="N",
+    c.add_argument("--demos-per-chunk", type=int, default=None, metavar="N",
                    help="demonstrations per chunk (default 4)")
-    c.add_argument("--method", default="emloc", choices=["emloc", "full", "uniform", "pyramid"],
-                   help="emloc (default), full (no pruning), uniform or pyramid (fixed ratios, "
-                   "need --keep-ratio)")
+    c.add_argument("--chunk-tokens", type=int, default=None, metavar="N",
+                   help="cut chunks by size instead: demos while their tokens fit in N")
+    c.add_argument("--recent-tokens", type=int, default=None, metavar="N",
+                   help="keep the last demos that fit in N tokens whole (default 0)")
+    c.add_argument("--protect-first", type=int, default=None, metavar="N",
+                   help="always keep the context's first N tokens, the attention sink (default 0)")
+    c.add_argument("--method", default=None, choices=list(METHODS),
+                   help="emloc (default), full (no pruning); uniform, pyramid (emloc's scores) and snapkv, "
+                   "tova, streaming (one-prefill baselines) keep a fixed fraction: --keep-ratio")
     c.add_argument("--keep-ratio", type=float, default=None, metavar="R",
-                   help="mean kept fraction per layer for --method uniform or pyramid")
+                   help="mean kept fraction per layer for the fixed-fraction methods")
     c.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help=backend_help)
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_compress)

@@ -11,7 +11,7 @@ from .attention import routed
 from .cache import MemoryCache, cache_keyword
 from .chunk_compression import ChunkCompressor
 from .errors import EMLoCError
-from .presets import preset_settings
+from .presets import resolve_settings
 from .memory import (TOKENIZER_KEY, TaskMemory, empty_layers, fingerprint_diff, model_part,
                      tokenizer_fingerprint)
 from .media import MediaPreparer
@@ -60,10 +60,7 @@ class EMLoC:
                  "chunk_tokens": chunk_tokens, "lookback_chunks": lookback_chunks,
                  "window": window, "sinks": sinks, "recent_tokens": recent_tokens,
                  "protect_first": protect_first}
-        base = preset_settings("faithful" if preset is None else preset)
-        if demos_per_chunk is not None:  # an explicit chunking replaces the preset's
-            base.pop("chunk_tokens", None)
-        self.settings = Settings(**{**base, **{k: v for k, v in given.items() if v is not None}})
+        self.settings = resolve_settings(preset, **given)
         self.preset = preset
         self.model = model
         self.adapter = adapter_for(model)

@@ -22,3 +22,14 @@ def preset_settings(name) -> dict:
     if name not in PRESETS:
         raise EMLoCError(f"unknown preset {name!r}; the presets are {', '.join(PRESETS)}")
     return dict(PRESETS[name])
+
+
+def resolve_settings(preset=None, **given):
+    """Settings of `preset` (None = "faithful") with every argument of `given` that is not None
+    replacing the preset's value; an explicit demos_per_chunk replaces the preset's chunk_tokens."""
+    from .settings import Settings
+
+    base = preset_settings("faithful" if preset is None else preset)
+    if given.get("demos_per_chunk") is not None:
+        base.pop("chunk_tokens", None)
+    return Settings(**{**base, **{k: v for k, v in given.items() if v is not None}})
