@@ -278,3 +278,39 @@ def test_demo_prints_answers_without_demos_with_the_full_context_and_from_the_me
     assert len(lines[header + 1:header + 4]) == 3 and lines[-1].startswith("exact answers: no demos")
     assert result["memory"].settings["recent_tokens"] == emloc.PRESETS["sink-recent"]["recent_tokens"]
     assert len(result["zero_shot_answers"]) == len(result["answers"]) == len(result["full_answers"]) == 3
+
+
+# -- protected tokens and candidate sizes ---------------------------------------------------------
+def test_protected_tokens_are_kept_even_when_scores_pass_the_bonus():
+    from emloc.chunk_compression import protection_bonus
+    from emloc_kernels import rank_tokens
+
+    torch.manual_seed(0)
+    scores = torch.rand(2, 23) * 3.0
+    scores[:, 5:12] += 400.0  # sums over many observers and a wide GQA group can pass 100
+    protected = torch.zeros(23, dtype=torch.bool)
+    protected[[0, 1, 17, 18, 22]] = True
+    k = int(protected.sum()) + 2
+    plain = rank_tokens(scores, protected, [k], 5, 100.0, backend="torch")[0]
+    assert not all(set(protected.nonzero().flatten().tolist()) <= set(row.tolist()) for row in plain)
+    bonus = protection_bonus(scores, 100.0)
+    assert bonus > 100.0 and protection_bonus(scores.clamp(max=50.0), 100.0) == 100.0
+    for backend in ("torch", "triton"):
+        kept = rank_tokens(scores, protected, [k], 5, bonus, backend=backend)[0]
+        for row in kept.tolist():
+            assert set(protected.nonzero().flatten().tolist()) <= set(row) and row == sorted(row)
+
+
+def test_ratios_clamped_to_the_same_size_are_tested_once_and_the_kept_fraction_is_reported():
+    from emloc.chunk_compression import distinct_trials
+
+    assert distinct_trials([0.1, 0.2, 0.5, 0.9], [7, 7, 12, 20], 20) == [(0.1, 7), (0.5, 12)]
+    model = tiny_model("llama", std=0.2, seed=7)
+    comp = emloc.EMLoC(model, chat_tokenizer(), ratios=(0.01, 0.02, 0.5), tolerance=1e-9, demos_per_chunk=3,
+                       progress=False, backend="torch")
+    memory = comp.compress(DEMOS)
+    for chunk in memory.stats:
+        for layer in chunk["layers"]:
+            assert layer["tests"] <= 2  # 0.01 and 0.02 both clamp to the protected count
+            assert layer["kept_fraction"] == layer["kept"] / chunk["tokens"]
+    assert any(layer["tests"] == 2 for chunk in memory.stats for layer in chunk["layers"])

@@ -30,6 +30,27 @@ def candidate_sizes(ratios, chunk_len: int, n_protected: int) -> list:
     return [min(chunk_len, max(int(r * chunk_len), n_protected, 1)) for r in ratios]
 
 
+def protection_bonus(scores: torch.Tensor, bonus: float) -> float:
+    """The bonus added to protected tokens' pooled scores so that every one of them outranks every
+    unprotected token: `bonus` (ALGORITHM.md's +100) while all scores [Hkv, Lc] stay below it, else
+    bonus + the largest score (pooled scores never exceed it). Scores are sums over observers and
+    query heads, so long chunks and wide GQA groups can pass 100."""
+    top = float(scores.max()) if scores.numel() else 0.0
+    return bonus if top < bonus else bonus + top
+
+
+def distinct_trials(ratios, ks, chunk_len: int) -> list:
+    """(ratio, k) per candidate size that prunes anything (k < chunk_len), the first ratio of each
+    k only: two ratios clamped to the same k are the same candidate, so testing it once makes the
+    same decision."""
+    trials, seen = [], set()
+    for r, k in zip(ratios, ks):
+        if k < chunk_len and k not in seen:
+            seen.add(k)
+            trials.append((r, k))
+    return trials
+
+
 def layer_groups(n_layers: int, size: int) -> list:
     """Top-down groups of consecutive layers, each listed bottom-up: 7 layers, size 3 ->
     [[4, 5, 6], [1, 2, 3], [0]]."""
@@ -143,7 +164,7 @@ class ChunkCompressor:
             memory.layers[l].append(keys, values, index, backend=self.backend)
             kept_rows.append(int(index.shape[1]))
             layer_stats.append({"layer": l, "kept": int(index.shape[1]), "ratio": ratio,
-                                "js": js, "tests": tests})
+                                "kept_fraction": int(index.shape[1]) / chunk_len, "js": js, "tests": tests})
             if modality is not None:  # kept media tokens, averaged over KV heads
                 kept = modality.to(index.device)[index]
                 layer_stats[-1].update({f"kept_{kind}": float((kept == code).sum()) / a.n_kv_heads
@@ -207,13 +228,14 @@ class ChunkCompressor:
         ks = candidate_sizes(s.ratios, chunk_len, int(protected.sum()))
         # ks never decreases, so the candidates that prune anything are a prefix of the ratios;
         # one that would keep every token is the configuration already accepted above: keep all.
-        trials = [(r, k) for r, k in zip(s.ratios, ks) if k < chunk_len]
+        trials = distinct_trials(s.ratios, ks, chunk_len)
         batched = s.batch_candidates if s.batch_candidates is not None else a.device.type == "cuda"
         kept_segments = {}  # layer -> (keys, values) of the accepted rows, for layers above
         decisions = [None] * a.n_layers
         for group in layer_groups(a.n_layers, s.layer_group):
             indices = {l: rank_tokens(scores[l], protected, [k for _, k in trials], s.pool_width,
-                                      s.protect_bonus, backend=self.backend) for l in group} if trials else {}
+                                      protection_bonus(scores[l], s.protect_bonus), backend=self.backend)
+                       for l in group} if trials else {}
             test = self._test_batched if batched else self._test_in_order
             chosen, js, tests = test(context, chunk_kv, probe, layer_inputs[group[0]], group, indices,
                                      kept_segments, teacher_js, len(trials)) if trials else (None, None, 0)
@@ -273,7 +295,8 @@ class ChunkCompressor:
         for l, ratio in enumerate(ratios):
             (k,) = candidate_sizes([ratio], chunk_len, int(protected.sum()))
             index = None if k >= chunk_len else rank_tokens(
-                scores[l], protected, [k], s.pool_width, s.protect_bonus, backend=self.backend)[0]
+                scores[l], protected, [k], s.pool_width, protection_bonus(scores[l], s.protect_bonus),
+                backend=self.backend)[0]
             decisions.append((index, ratio, None, 0))
         return decisions
 
