@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_rows  # noqa: E402
+from _rss import current_rss, peak_rss_growth  # noqa: E402
 from fidelity import js_divergence  # noqa: E402
 
 import emloc  # noqa: E402
@@ -112,35 +112,15 @@ def cost_table(model, tokenizer, demos, queries, groups, repeats) -> list:
     return rows
 
 
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def peak_child(n_demos: int) -> None:
     """Compress n_demos in this (fresh) process; print as JSON the RSS before compressing, the
     highest RSS sampled every 5 ms while compressing, and the memory's own size."""
-    import gc
-    import threading
-
     model, tokenizer = load_model()
     comp = emloc.EMLoC(model, tokenizer, progress=False)
     demos = load_task()[:n_demos]
-    gc.collect()
     before = current_rss()
-    peak, done = [before], threading.Event()
-
-    def sample():
-        while not done.wait(0.005):
-            peak[0] = max(peak[0], current_rss())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    memory = comp.compress(demos, system=SYSTEM)
-    done.set()
-    sampler.join()
-    print(json.dumps({"demos": n_demos, "rss_before": before, "rss_peak": max(peak[0], current_rss()),
+    memory, growth = peak_rss_growth(lambda: comp.compress(demos, system=SYSTEM))
+    print(json.dumps({"demos": n_demos, "rss_before": before, "rss_peak": before + growth,
                       "memory_bytes": memory.nbytes, "context": memory.context_length}))
 
 

@@ -36,7 +36,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,8 @@ from pathlib import Path
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:  # for _rss when loaded from elsewhere (tests)
+    sys.path.insert(0, str(BENCH_DIR))
 DATA_DIR = BENCH_DIR / "data"
 DEFAULT_RATIOS = (0.5, 0.25, 0.1)
 DEFAULT_DELTAS = (0.005, 0.02)
@@ -154,8 +155,9 @@ def method_runs(ratios, deltas, presets) -> list:
 
 
 def run_task(model, tokenizer, task: Task, ratios=DEFAULT_RATIOS, deltas=DEFAULT_DELTAS, presets=(),
-             backend="auto", log=print) -> tuple:
-    """(rows of COLUMNS for zero-shot, full and every run, the full context's log-probs [N, V])."""
+             backend="auto", log=print, checkpoint=None) -> tuple:
+    """(rows of COLUMNS for zero-shot, full and every run, the full context's log-probs [N, V]);
+    checkpoint(rows so far) is called after each run (to keep partial results)."""
     label_ids = label_first_ids(tokenizer, task.labels)
     comp, full_memory, seconds = compress_timed(model, tokenizer, task, {"method": "full"}, backend)
     reference = first_token_logprobs(comp, full_memory, task)
@@ -177,22 +179,16 @@ def run_task(model, tokenizer, task: Task, ratios=DEFAULT_RATIOS, deltas=DEFAULT
     for method, settings in method_runs(ratios, deltas, presets):
         comp, memory, seconds = compress_timed(model, tokenizer, task, settings, backend)
         rows.append(row(method, _describe(settings), first_token_logprobs(comp, memory, task), memory, seconds))
+        if checkpoint is not None:
+            checkpoint(rows)
     return rows, reference
 
 
 # -- the chunk sweep: one fresh process per point, with its peak memory ----------------------
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (Linux /proc)."""
-    import resource
-
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def child_main(spec: dict) -> dict:
     """In a fresh process: compress spec["task"] with spec["settings"], sampling the RSS every
     5 ms; then the metrics against the reference log-probs saved at spec["reference"]."""
-    import gc
+    from _rss import peak_rss_growth
 
     from emloc.models import load_model
 
@@ -200,25 +196,14 @@ def child_main(spec: dict) -> dict:
     (task,) = load_tasks([spec["task"]])
     task.demos, task.queries = task.demos[:spec.get("demos")], task.queries[:spec["queries"]]
     model, tokenizer = load_model(spec.get("model"))
-    gc.collect()
-    before = current_rss()
-    peak, done = [before], threading.Event()
-
-    def sample():
-        while not done.wait(0.005):
-            peak[0] = max(peak[0], current_rss())
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    comp, memory, seconds = compress_timed(model, tokenizer, task, spec["settings"], spec["backend"])
-    done.set()
-    sampler.join()
+    (comp, memory, seconds), growth = peak_rss_growth(
+        lambda: compress_timed(model, tokenizer, task, spec["settings"], spec["backend"]))
     reference = torch.load(spec["reference"])
     result = metrics(first_token_logprobs(comp, memory, task), reference, task,
                      label_first_ids(tokenizer, task.labels))
     return {**result, "kept": 1.0 / memory.compression_ratio, "compression": memory.compression_ratio,
             "seconds": seconds, "chunks": len(memory.stats),
-            "peak_mb": (max(peak[0], current_rss()) - before) / 2**20, "memory_mb": memory.nbytes / 2**20}
+            "peak_mb": growth / 2**20, "memory_mb": memory.nbytes / 2**20}
 
 
 def chunk_sweep(task: Task, reference, chunks, ratio, presets, args, log=print) -> list:
@@ -412,7 +397,12 @@ def main(argv=None) -> int:
     for task in tasks:
         task.demos = task.demos[:args.demos] if args.demos else task.demos
         task.queries = task.queries[:args.queries]
-        task_rows, reference = run_task(model, tokenizer, task, args.ratios, args.deltas, presets, args.backend)
+        done = list(rows)
+        keep = None if out_dir is None else (lambda so_far: write_csv(done + so_far, out_dir / "fidelity.partial.csv"))
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        task_rows, reference = run_task(model, tokenizer, task, args.ratios, args.deltas, presets, args.backend,
+                                        checkpoint=keep)
         rows += task_rows
         if task.name == args.chunk_task:
             sweep_rows = chunk_sweep(task, reference, args.chunks, args.chunk_ratio, presets, args)
