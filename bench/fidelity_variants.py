@@ -14,7 +14,7 @@ top-1 agreement), as bench/fidelity.py does. Two diagnostics that no setting exp
       the whole context in one chunk, uniform at keep_ratio; prints the kept fraction per
       segment of `segment` demos (mean over layers and heads)
 
-The results of the diagnosis are in bench/FIDELITY.md ("What loses fidelity").
+The results of the diagnosis are in bench/FIDELITY_DIAGNOSIS.md.
 """
 from __future__ import annotations
 
