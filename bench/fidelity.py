@@ -9,8 +9,8 @@ distribution of the first answer token is compared with the full context's:
   fixed kept fraction, at each of --ratios:
     snapkv, tova, streaming   one prefill of the whole context (baselines, see emloc.baseline_scores)
     uniform                   emloc's importance scores, chunked as the faithful method
-  searches, at each δ of --deltas, for each preset of --presets (default: faithful, labelled
-    emloc, and the recommended one)
+  searches, at each δ of --deltas, for each preset of --presets (default: every preset;
+    "faithful" is labelled emloc)
 
 Metrics: mean JS divergence (nats) and top-1 agreement of the first answer token against the full
 context, the kept fraction (mean kept tokens per layer / context tokens), accuracy (the label
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
     p.add_argument("--ratios", type=float, nargs="*", default=list(DEFAULT_RATIOS), help="kept fractions of the fixed methods")
     p.add_argument("--deltas", type=float, nargs="*", default=list(DEFAULT_DELTAS), help="δ values of the searches")
     p.add_argument("--presets", nargs="*", default=None,
-                   help="presets whose searches run at each δ (default: faithful and the recommended one)")
+                   help="presets whose searches run at each δ (default: every preset of emloc.PRESETS)")
     p.add_argument("--chunk-task", default="sentiment", help="task of the chunk sweep ('none' to skip)")
     p.add_argument("--chunks", type=int, nargs="+", default=list(DEFAULT_CHUNKS), help="chunk counts of the sweep")
     p.add_argument("--chunk-ratio", type=float, default=0.25, help="kept fraction of the chunk sweep (uniform)")
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     from emloc import EMLoCError
     from emloc.models import load_model
 
-    presets = args.presets if args.presets is not None else ["faithful", emloc.RECOMMENDED_PRESET]
+    presets = args.presets if args.presets is not None else list(emloc.PRESETS)
     for name in presets:
         if name not in emloc.PRESETS:
             raise EMLoCError(f"unknown preset {name!r}; the presets are {', '.join(emloc.PRESETS)}")
