@@ -28,6 +28,8 @@ class Settings:
     lookback_chunks  how many previous chunks a chunk's prefill, probe and tests see uncompressed
                      (their full keys/values) instead of their pruned memory rows: 0 = faithful,
                      "all" = the whole uncompressed history (peak memory then grows with it).
+                     A diagnostic of drift: measured, it makes fidelity worse
+                     (bench/FIDELITY_DIAGNOSIS.md).
     recent_tokens    the last demos whose tokens (each rendered alone) fit in recent_tokens are
                      kept whole in every layer (0 = faithful: every chunk is pruned).
     protect_first    the context's first tokens (the attention sink) are protected like answer
