@@ -61,7 +61,6 @@ class EMLoC:
                  "window": window, "sinks": sinks, "recent_tokens": recent_tokens,
                  "protect_first": protect_first}
         self.settings = resolve_settings(preset, **given)
-        self.preset = preset
         self.model = model
         self.adapter = adapter_for(model)
         self.settings.check_model(self.adapter)
@@ -120,9 +119,10 @@ class EMLoC:
         chunk = self.renderer.demos(group, system=system if c == 0 else False)
         return chunk, [self.renderer.demos([d], system=False) for d in group]
 
-    def _chunks(self, demos, system):
-        """Rendered chunks and, per chunk, each demo rendered alone (the probe rows)."""
-        bounds, _ = self._chunk_bounds(demos)
+    def _chunks(self, demos, system, bounds=None):
+        """Rendered chunks and, per chunk, each demo rendered alone (the probe rows); bounds as
+        _chunk_bounds gives them (computed when None)."""
+        bounds = self._chunk_bounds(demos)[0] if bounds is None else bounds
         rendered = [self._render_chunk(demos, bounds, c, system) for c in range(len(bounds))]
         return [chunk for chunk, _ in rendered], [rows for _, rows in rendered]
 
@@ -142,7 +142,7 @@ class EMLoC:
         # with images, render (and process) one chunk at a time; text is cheap: check it all first
         rendered = (self._render_chunk(demos, bounds, c, system) for c in range(n_chunks))
         if self.renderer.media is None:
-            chunks, probes = self._chunks(demos, system)
+            chunks, probes = self._chunks(demos, system, bounds)
             rendered = zip(chunks, probes)
             total = sum(len(c.ids) for c in chunks)
             longest_probe = max(len(r.ids) for rows in probes for r in rows)
