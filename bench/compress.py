@@ -35,7 +35,7 @@ from _rss import current_rss, peak_rss_growth  # noqa: E402
 from fidelity import js_divergence  # noqa: E402
 
 import emloc  # noqa: E402
-from emloc.demo import SYSTEM, load_task  # noqa: E402
+from emloc.cli.demo import SYSTEM, load_task  # noqa: E402
 from emloc.models import load_model  # noqa: E402
 
 

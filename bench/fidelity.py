@@ -7,7 +7,7 @@ distribution of the first answer token is compared with the full context's:
   zero-shot    no demonstrations at all (how much the demonstrations change the answers)
   full         method="full", the uncompressed context (the reference)
   fixed kept fraction, at each of --ratios:
-    snapkv, tova, streaming   one prefill of the whole context (baselines, see emloc.baseline_scores)
+    snapkv, tova, streaming   one prefill of the whole context (baselines, see emloc.compression.baseline_scores)
     uniform                   emloc's importance scores, chunked as the faithful method
   searches, at each δ of --deltas, for each preset of --presets (default: every preset;
     "faithful" is labelled emloc)

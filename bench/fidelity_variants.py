@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity import first_token_logprobs, label_first_ids, load_tasks, metrics, zero_shot_logprobs  # noqa: E402
 
 import emloc  # noqa: E402
-from emloc import chunk_compression, compressor  # noqa: E402
+from emloc import engine as compressor  # noqa: E402
+from emloc.compression import chunk_loop as chunk_compression  # noqa: E402
 from emloc.models import load_model  # noqa: E402
 from emloc_kernels import rank_tokens  # noqa: E402
 

@@ -39,9 +39,9 @@ except ImportError:
 
 import emloc
 from emloc import EMLoC
-from emloc.answering import generate_batch
-from emloc.cache import cache_keyword
-from emloc.demo import SYSTEM, load_task
+from emloc.serving.answering import generate_batch
+from emloc.serving.cache import cache_keyword
+from emloc.cli.demo import SYSTEM, load_task
 from emloc.models import load_model
 
 METHODS = ("cache", "emloc", "prefix")

@@ -27,10 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_rows, time_ms  # noqa: E402
 
-from emloc.memory import LayerMemory, TaskMemory, read_file, tokenizer_fingerprint  # noqa: E402
-from emloc.memory_file import decode  # noqa: E402
+from emloc.io.fingerprints import tokenizer_fingerprint
+from emloc.io.memory import LayerMemory, TaskMemory, read_file  # noqa: E402
+from emloc.io.memory_file import decode  # noqa: E402
 from emloc.models import load_model  # noqa: E402
-from emloc.vision_language import adapter_for  # noqa: E402
+from emloc.models.vision_language import adapter_for  # noqa: E402
 
 CONTEXT, CHUNKS = 2881, 32
 

@@ -41,8 +41,8 @@ except ImportError:
     from _common import append_rows, device_name, versions
 
 from emloc import EMLoC, TaskMemory
-from emloc.answering import Sampler, generate_batch
-from emloc.demo import SYSTEM, load_task
+from emloc.serving.answering import Sampler, generate_batch
+from emloc.cli.demo import SYSTEM, load_task
 from emloc.models import load_model
 
 METHODS = ("emloc", "full", "reread")

@@ -12,7 +12,7 @@ import torch
 from transformers import DynamicCache, GenerationConfig, TextIteratorStreamer, TextStreamer
 
 import emloc
-from emloc.answering import Sampler, generate_batch
+from emloc.serving.answering import Sampler, generate_batch
 from tiny_models import chat_tokenizer, tiny_model
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
@@ -296,7 +296,7 @@ def test_crop_removes_new_tokens_only(llama_memory):
 @pytest.mark.slow
 def test_bundled_smollm2_through_the_cache_equals_emloc():
     pytest.importorskip("gguf", reason="the bundled model is a GGUF file (the compat env has no gguf)")
-    from emloc.demo import load_task
+    from emloc.cli.demo import load_task
     from real_model import smollm2_loading
 
     model, tokenizer, loading_stderr = smollm2_loading()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import emloc
-from emloc.baseline_scores import snapkv_index, streaming_index, tova_index
+from emloc.compression.baseline_scores import snapkv_index, streaming_index, tova_index
 from tiny_models import chat_tokenizer, tiny_model
 
 DEMOS = [
@@ -265,13 +265,13 @@ def test_baselines_take_the_whole_context_in_one_chunk_unless_told():
 
 # -- the demo ----------------------------------------------------------------------------------
 def test_demo_prints_answers_without_demos_with_the_full_context_and_from_the_memory(monkeypatch):
-    import emloc.demo
+    import emloc.cli.demo
 
     model = tiny_model("llama", std=0.2, seed=5)
-    monkeypatch.setattr(emloc.demo, "load_model", lambda path=None: (model, chat_tokenizer()))
+    monkeypatch.setattr(emloc.cli.demo, "load_model", lambda path=None: (model, chat_tokenizer()))
     lines = []
-    result = emloc.demo.run_demo(n_demos=8, n_queries=3, preset="sink-recent", out=lines.append)
-    demos, queries = emloc.demo.load_word_sentiment()
+    result = emloc.cli.demo.run_demo(n_demos=8, n_queries=3, preset="sink-recent", out=lines.append)
+    demos, queries = emloc.cli.demo.load_word_sentiment()
     assert len(demos) == 108 and len(queries) == 150
     header = next(i for i, line in enumerate(lines) if line.startswith("word"))
     assert "no demos" in lines[header] and "full context" in lines[header]
@@ -282,7 +282,7 @@ def test_demo_prints_answers_without_demos_with_the_full_context_and_from_the_me
 
 # -- protected tokens and candidate sizes ---------------------------------------------------------
 def test_protected_tokens_are_kept_even_when_scores_pass_the_bonus():
-    from emloc.chunk_compression import protection_bonus
+    from emloc.compression.chunk_loop import protection_bonus
     from emloc_kernels import rank_tokens
 
     torch.manual_seed(0)
@@ -302,7 +302,7 @@ def test_protected_tokens_are_kept_even_when_scores_pass_the_bonus():
 
 
 def test_ratios_clamped_to_the_same_size_are_tested_once_and_the_kept_fraction_is_reported():
-    from emloc.chunk_compression import distinct_trials
+    from emloc.compression.chunk_loop import distinct_trials
 
     assert distinct_trials([0.1, 0.2, 0.5, 0.9], [7, 7, 12, 20], 20) == [(0.1, 7), (0.5, 12)]
     model = tiny_model("llama", std=0.2, seed=7)

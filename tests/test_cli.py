@@ -5,8 +5,8 @@ import sys
 import pytest
 
 import emloc
-import emloc.memory
-from emloc.cli import main
+import emloc.io.memory
+from emloc.cli.commands import main
 from emloc.models import load_model
 from tiny_models import CHATML_TEMPLATE, chat_tokenizer, tiny_model
 
@@ -136,7 +136,7 @@ def test_unexpected_error_exits_1_with_one_line(compressed, capsys, monkeypatch)
     def boom(path):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(emloc.memory, "read_header", boom)
+    monkeypatch.setattr(emloc.io.memory, "read_header", boom)
     monkeypatch.delenv("EMLOC_DEBUG", raising=False)
     code, _, err = run(capsys, ["inspect", compressed["memory"]])
     assert code == 1 and err.count("\n") == 1 and "RuntimeError: disk on fire" in err

@@ -97,7 +97,7 @@ def test_a_flipped_bit_in_the_tensor_data_is_refused(saved, tmp_path, where):
     with pytest.raises(emloc.EMLoCError, match="does not match its checksum"):
         emloc.TaskMemory.load(path, model)
     with pytest.raises(emloc.EMLoCError, match="does not match its checksum"):
-        emloc.memory.read_header(path)  # what `emloc inspect` reads
+        emloc.io.memory.read_header(path)  # what `emloc inspect` reads
 
 
 def set_offset(value):
@@ -209,7 +209,7 @@ def test_fingerprint_ignores_placement_but_not_dtype(saved):
     model, memory, _, _ = saved
     import copy
 
-    from emloc.model_adapter import DecoderAdapter
+    from emloc.models.adapter import DecoderAdapter
     again = DecoderAdapter(copy.deepcopy(model)).fingerprint()
     assert again == DecoderAdapter(model).fingerprint()
     assert DecoderAdapter(copy.deepcopy(model).half()).fingerprint()["weights_sha256"] != again["weights_sha256"]

@@ -111,7 +111,7 @@ def test_memory_from_another_model_is_refused_when_answering(compressed):
 def test_layer_buffer_appends_grow_and_trim():
     """Appends of chunks land in order (per head its chosen rows), the buffer keeps at most
     GROWTH x the rows in use, and trim leaves exactly the rows in use."""
-    from emloc.memory import LayerMemory
+    from emloc.io.memory import LayerMemory
 
     g = torch.Generator().manual_seed(0)
     layer, expected_k, expected_v = LayerMemory(2, 8, torch.float32, torch.device("cpu")), [], []

@@ -433,7 +433,7 @@ def test_bad_media_input(content, message):
 
 def test_cheap_checks_fail_before_any_chunk_is_compressed(monkeypatch):
     """A missing file or entry in the last demo is reported before chunk 0 is compressed."""
-    from emloc.chunk_compression import ChunkCompressor
+    from emloc.compression.chunk_loop import ChunkCompressor
 
     model, processor = vl("qwen2_vl")
     comp = emloc.EMLoC(model, processor, demos_per_chunk=2, method="full", progress=False)

@@ -8,8 +8,8 @@ import signal
 import pytest
 
 import emloc
-from emloc.cli import main
-from emloc.output_files import atomic_write, output_path
+from emloc.cli.commands import main
+from emloc.io.output_files import atomic_write, output_path
 from test_cli import save_model, write_jsonl
 from tiny_models import chat_tokenizer, tiny_model
 
@@ -128,7 +128,7 @@ def test_a_destination_without_room_for_the_memory_is_refused_before_compressing
     """The bound is the uncompressed context's size; free space below it fails before any chunk."""
     import shutil
 
-    from emloc.compressor import EMLoC
+    from emloc.engine import EMLoC
 
     def never(*args, **kwargs):
         raise AssertionError("compression started")

@@ -2,7 +2,7 @@
 import pytest
 
 import emloc
-from emloc.demo import load_task
+from emloc.cli.demo import load_task
 from emloc.models import load_model
 
 

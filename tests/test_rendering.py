@@ -1,5 +1,5 @@
 """Answer spans are found by rendering the chat template."""
-from emloc.rendering import ChatRenderer
+from emloc.models.rendering import ChatRenderer
 from tiny_models import chat_tokenizer
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import emloc
-import emloc.attention
-from emloc.answering import Sampler, generate_batch
-from emloc.model_adapter import DecoderAdapter
+import emloc.serving.attention
+from emloc.serving.answering import Sampler, generate_batch
+from emloc.models.adapter import DecoderAdapter
 from tiny_models import CHATML_TEMPLATE, chat_tokenizer, tiny_compressed
 
 DEMOS = [{"input": f"review {i}: the movie was {'great' if i % 3 else 'terrible'}",
@@ -87,13 +87,13 @@ def test_twenty_queries_leave_memory_bit_identical_and_read_in_place(compressed,
     snap = snapshot(memory)
     buffers = {(t.data_ptr(), t.shape) for l in memory.layers for t in (l.keys, l.values)}
     seen = []
-    real = emloc.attention.prefix_attention
+    real = emloc.serving.attention.prefix_attention
 
     def spy(q, mem_k, mem_v, own_k, own_v, *args, **kwargs):
         seen.extend([(mem_k.data_ptr(), mem_k.shape), (mem_v.data_ptr(), mem_v.shape)])
         return real(q, mem_k, mem_v, own_k, own_v, *args, **kwargs)
 
-    monkeypatch.setattr(emloc.attention, "prefix_attention", spy)
+    monkeypatch.setattr(emloc.serving.attention, "prefix_attention", spy)
     for start in range(0, 16, 8):
         comp.generate(memory, QUERIES[start:start + 8], max_new_tokens=3)
     for q in QUERIES[16:19]:

@@ -17,7 +17,7 @@ import pytest
 import transformers
 
 import emloc
-from emloc.cli import main
+from emloc.cli.commands import main
 from test_cli import save_model, write_jsonl
 from tiny_models import chat_tokenizer, tiny_model
 
@@ -328,7 +328,7 @@ def test_cli_mistake_exits_2_before_loading_weights(cli, case, capsys, monkeypat
 
 def test_answers_file_is_kept_when_answering_fails_midway(cli, capsys, monkeypatch):
     """A failure at the second batch: the old --out file is as it was, no partial file is left."""
-    from emloc.compressor import EMLoC
+    from emloc.engine import EMLoC
 
     calls = []
     real = EMLoC.generate
@@ -372,7 +372,7 @@ def test_bundled_smollm2_tokenizer_refuses_injected_turns_and_keeps_lookalikes_a
     from transformers import AutoTokenizer
 
     from emloc.models import bundled_model_path
-    from emloc.rendering import ChatRenderer
+    from emloc.models.rendering import ChatRenderer
 
     path = bundled_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

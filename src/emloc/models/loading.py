@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from unittest import mock
 
-from .errors import EMLoCError
+from emloc.errors import EMLoCError
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -63,7 +63,7 @@ def _one_line(exc) -> str:
 
 
 def _check_model_type(config, path) -> None:
-    from .model_adapter import SUPPORTED_MODEL_TYPES
+    from emloc.models.adapter import SUPPORTED_MODEL_TYPES
 
     if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         raise EMLoCError(f"the model at {path} is of type {getattr(config, 'model_type', None)!r}; emloc "

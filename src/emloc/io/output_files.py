@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import EMLoCError
+from emloc.errors import EMLoCError
 
 
 def _umask() -> int:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import EMLoCError
-from .model_adapter import DecoderAdapter, module_device
+from emloc.errors import EMLoCError
+from emloc.models.adapter import DecoderAdapter, module_device
 
 TEXT = 0
 TOKEN_TYPES = {"image": 1, "video": 2}  # mm_token_type_ids values of media placeholders

@@ -11,12 +11,12 @@ import torch
 
 from emloc_kernels import TeacherJS, rank_tokens
 
-from .attention import CandidateProbePlan, PrefixPlan, ProbePlan
-from .baseline_scores import snapkv_index, streaming_index, tova_index
-from .errors import EMLoCError
-from .rendering import RenderedSequence
-from .settings import ONE_PREFILL_METHODS
-from .vision_language import TOKEN_TYPES
+from emloc.serving.attention import CandidateProbePlan, PrefixPlan, ProbePlan
+from emloc.compression.baseline_scores import snapkv_index, streaming_index, tova_index
+from emloc.errors import EMLoCError
+from emloc.models.rendering import RenderedSequence
+from emloc.compression.settings import ONE_PREFILL_METHODS
+from emloc.models.vision_language import TOKEN_TYPES
 
 
 def gather_rows(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor):

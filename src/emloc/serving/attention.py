@@ -30,7 +30,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from emloc_kernels import prefix_attention, probe_scores
 
-from .errors import EMLoCError
+from emloc.errors import EMLoCError
 
 ATTENTION_NAME = "emloc"              # routed; calls without a plan or a memory run SDPA
 EAGER_ATTENTION_NAME = "emloc_eager"  # routed; calls without a plan or a memory run eager attention

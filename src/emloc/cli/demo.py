@@ -12,9 +12,9 @@ import json
 import time
 from importlib import resources
 
-from .compressor import EMLoC
-from .models import load_model
-from .presets import PRESETS, RECOMMENDED_PRESET
+from emloc.engine import EMLoC
+from emloc.models import load_model
+from emloc.compression.presets import PRESETS, RECOMMENDED_PRESET
 
 N_DEMOS = 64
 N_QUERIES = 12

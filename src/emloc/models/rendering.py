@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import EMLoCError
-from .media import KINDS
+from emloc.errors import EMLoCError
+from emloc.models.media import KINDS
 
 _SYSTEM_SENTINEL = "\u2063emloc-system\u2063"
 

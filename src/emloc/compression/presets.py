@@ -6,7 +6,7 @@ against it in bench/FIDELITY.md.
 """
 from __future__ import annotations
 
-from .errors import EMLoCError
+from emloc.errors import EMLoCError
 
 PRESETS = {
     "faithful": {},
@@ -29,7 +29,7 @@ def preset_settings(name) -> dict:
 def resolve_settings(preset=None, **given):
     """Settings of `preset` (None = "faithful") with every argument of `given` that is not None
     replacing the preset's value; an explicit demos_per_chunk replaces the preset's chunk_tokens."""
-    from .settings import Settings
+    from emloc.compression.settings import Settings
 
     base = preset_settings("faithful" if preset is None else preset)
     if given.get("demos_per_chunk") is not None:

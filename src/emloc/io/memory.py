@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -11,42 +9,10 @@ import torch
 
 from emloc_kernels import gather_append
 
-from .errors import EMLoCError
-from .memory_file import decode, encode
-from .output_files import atomic_write, output_path
-
-TOKENIZER_KEY = "tokenizer"  # the fingerprint's entry that identifies the tokenizer
-_TOKENIZER_PROBE = "The capital of France is Paris. 0123456789 naïve café 東京 \t\n <tag> x=y+1;"
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def tokenizer_fingerprint(tokenizer) -> dict:
-    """What identifies a tokenizer for a memory: vocabulary size, special token ids, a hash of
-    the chat template, and a hash of the ids a fixed probe text is split into."""
-    template = tokenizer.chat_template
-    if not isinstance(template, str):
-        template = json.dumps(template, sort_keys=True)
-    probe = tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
-    return {"vocab_size": len(tokenizer),
-            "special_ids": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
-                            "pad": tokenizer.pad_token_id},
-            "chat_template_sha256": _sha(template or ""),
-            "probe_ids_sha256": _sha(json.dumps(list(probe)))}
-
-
-def fingerprint_diff(stored: dict, expected: dict) -> dict:
-    """{key: (stored value, expected value)} for every key where the two fingerprints differ."""
-    return {k: (stored.get(k), expected.get(k)) for k in sorted(set(stored) | set(expected))
-            if stored.get(k) != expected.get(k)}
-
-
-def model_part(fingerprint: dict) -> dict:
-    """The model's entries of a memory fingerprint (everything but the tokenizer's)."""
-    return {k: v for k, v in fingerprint.items() if k != TOKENIZER_KEY}
-
+from emloc.errors import EMLoCError
+from emloc.io.fingerprints import fingerprint_diff, model_part
+from emloc.io.memory_file import decode, encode
+from emloc.io.output_files import atomic_write, output_path
 
 def read_file(path):
     """(header, {name: CPU tensor}) of a memory file, checked as memory_file.decode describes.
@@ -195,7 +161,7 @@ class TaskMemory:
         """A fresh transformers Cache (emloc.cache.MemoryCache) whose layers start with this
         memory, shared read-only (not copied); pass it as past_key_values= to model(...) or
         model.generate(...) of a model routed to emloc's attention (emloc.routed)."""
-        from .cache import MemoryCache
+        from emloc.serving.cache import MemoryCache
 
         return MemoryCache(self, model, backend=backend)
 
@@ -230,7 +196,7 @@ class TaskMemory:
     @classmethod
     def from_file(cls, header: dict, tensors: dict, model, where) -> "TaskMemory":
         """The memory of a file already read by read_file, checked against `model`'s fingerprint."""
-        from .vision_language import adapter_for
+        from emloc.models.vision_language import adapter_for
 
         adapter = adapter_for(model)
         stored = header["fingerprint"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import EMLoCError
+from emloc.errors import EMLoCError
 
 KINDS = ("image", "video")
 

@@ -5,19 +5,19 @@ import sys
 
 import torch
 
-from .answering import (Sampler, cache_inputs, decoding_config, generate_batch, query_logits, seeded,
+from emloc.serving.answering import (Sampler, cache_inputs, decoding_config, generate_batch, query_logits, seeded,
                         until_stop)
-from .attention import routed
-from .cache import MemoryCache, cache_keyword
-from .chunk_compression import ChunkCompressor
-from .errors import EMLoCError
-from .presets import resolve_settings
-from .memory import (TOKENIZER_KEY, TaskMemory, empty_layers, fingerprint_diff, model_part,
-                     tokenizer_fingerprint)
-from .media import MediaPreparer
-from .rendering import ChatRenderer
-from .settings import Settings
-from .vision_language import VisionLanguageAdapter, adapter_for
+from emloc.serving.attention import routed
+from emloc.serving.cache import MemoryCache, cache_keyword
+from emloc.compression.chunk_loop import ChunkCompressor
+from emloc.errors import EMLoCError
+from emloc.compression.presets import resolve_settings
+from emloc.io.fingerprints import TOKENIZER_KEY, fingerprint_diff, model_part, tokenizer_fingerprint
+from emloc.io.memory import TaskMemory, empty_layers
+from emloc.models.media import MediaPreparer
+from emloc.models.rendering import ChatRenderer
+from emloc.compression.settings import Settings
+from emloc.models.vision_language import VisionLanguageAdapter, adapter_for
 
 
 def _check_demos(demos) -> list:

@@ -24,7 +24,7 @@ import struct
 
 import torch
 
-from .errors import EMLoCError
+from emloc.errors import EMLoCError
 
 FORMAT_NAME = "emloc-task-memory"
 FORMAT_VERSION = 2

@@ -12,13 +12,13 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import EMLoCError
-from .media import KINDS
-from .demo import N_DEMOS, N_QUERIES
-from .memory_file import FORMAT_VERSION
-from .presets import PRESETS, RECOMMENDED_PRESET
-from .settings import METHODS
-from .rendering import check_content, check_text
+from emloc.errors import EMLoCError
+from emloc.models.media import KINDS
+from emloc.cli.demo import N_DEMOS, N_QUERIES
+from emloc.io.memory_file import FORMAT_VERSION
+from emloc.compression.presets import PRESETS, RECOMMENDED_PRESET
+from emloc.compression.settings import METHODS
+from emloc.models.rendering import check_content, check_text
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_PIPE_CLOSED = 0, 1, 2, 130, 141
 
@@ -128,7 +128,7 @@ def _positive(name: str, value) -> None:
 
 # -- commands ------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from emloc.cli.demo import run_demo
     _positive("--demos", args.demos)
     _positive("--queries", args.queries)
     _refuse_triton_on_cpu(args.backend)
@@ -138,8 +138,8 @@ def cmd_demo(args) -> int:
 
 def _renderer(processor):
     """A ChatRenderer for `processor` as EMLoC builds it (with media if it has an image processor)."""
-    from .media import MediaPreparer
-    from .rendering import ChatRenderer
+    from emloc.models.media import MediaPreparer
+    from emloc.models.rendering import ChatRenderer
 
     takes_media = getattr(processor, "image_processor", None) is not None
     return ChatRenderer(processor, media=MediaPreparer(processor) if takes_media else None)
@@ -155,10 +155,10 @@ def _refuse_triton_on_cpu(backend: str) -> None:
 
 
 def cmd_compress(args) -> int:
-    from .compressor import EMLoC
-    from .models import load_model, model_path
-    from .output_files import check_free_space, prepare_output
-    from .presets import resolve_settings
+    from emloc.engine import EMLoC
+    from emloc.models import load_model, model_path
+    from emloc.io.output_files import check_free_space, prepare_output
+    from emloc.compression.presets import resolve_settings
 
     # everything that can be checked without the model is checked before it loads
     demos_path = Path(args.demos)
@@ -202,7 +202,7 @@ def cmd_compress(args) -> int:
 def _check_memory_fits_model(header: dict, memory_path, model) -> None:
     """Refuse, before the weights load, a memory whose fingerprint differs from what the model's
     config says (type, sizes)."""
-    from .models import config_fingerprint
+    from emloc.models import config_fingerprint
 
     stored = header["fingerprint"]
     diff = {k: (stored.get(k), v) for k, v in config_fingerprint(model).items() if stored.get(k) != v}
@@ -212,7 +212,7 @@ def _check_memory_fits_model(header: dict, memory_path, model) -> None:
 
 
 def _check_tokenizer_fits(header: dict, memory_path, processor) -> None:
-    from .memory import TOKENIZER_KEY, fingerprint_diff, tokenizer_fingerprint
+    from emloc.io.fingerprints import TOKENIZER_KEY, fingerprint_diff, tokenizer_fingerprint
 
     stored = header["fingerprint"].get(TOKENIZER_KEY) or {}
     diff = fingerprint_diff(stored, tokenizer_fingerprint(getattr(processor, "tokenizer", processor)))
@@ -222,10 +222,10 @@ def _check_tokenizer_fits(header: dict, memory_path, processor) -> None:
 
 
 def cmd_answer(args) -> int:
-    from .compressor import EMLoC
-    from .memory import TaskMemory, read_file
-    from .models import load_model, model_path
-    from .output_files import atomic_write, prepare_output
+    from emloc.engine import EMLoC
+    from emloc.io.memory import TaskMemory, read_file
+    from emloc.models import load_model, model_path
+    from emloc.io.output_files import atomic_write, prepare_output
 
     if (args.query is None) == (args.queries is None):
         raise EMLoCError("give exactly one of --query TEXT or --queries FILE.jsonl")
@@ -303,8 +303,8 @@ def _answer_rows(comp, memory, rows, contents, args, sampling, out) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from .memory import read_header
-    from .output_files import prepare_output
+    from emloc.io.memory import read_header
+    from emloc.io.output_files import prepare_output
 
     plot = None
     if args.plot is not None:
@@ -383,7 +383,7 @@ def plot_retention(kept: list, tokens: list, title: str, path) -> None:
     fig.colorbar(image, ax=[ax, side], label="kept fraction", fraction=0.04, pad=0.02)
     import io
 
-    from .output_files import atomic_write
+    from emloc.io.output_files import atomic_write
 
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
@@ -393,7 +393,7 @@ def plot_retention(kept: list, tokens: list, title: str, path) -> None:
 
 def cmd_bench(args) -> int:
     import runpy
-    bench_dir = Path(__file__).resolve().parents[2] / "bench"
+    bench_dir = Path(__file__).resolve().parents[3] / "bench"
     if not bench_dir.is_dir():
         raise EMLoCError("benchmarks live in the source tree's bench/ folder; run from a checkout")
     if args.what == "kernels":

@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from .attention import ATTENTION_NAME
-from .errors import EMLoCError
+from emloc.serving.attention import ATTENTION_NAME
+from emloc.errors import EMLoCError
 
 # model types (config.model_type) whose equivalence with the model's own forward is tested;
 # others may scale embeddings or logits outside the modules emloc drives (Granite, Cohere, ...)

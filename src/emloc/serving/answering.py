@@ -13,8 +13,8 @@ import copy
 
 import torch
 
-from .attention import OwnKVCache, PrefixPlan
-from .errors import EMLoCError
+from emloc.serving.attention import OwnKVCache, PrefixPlan
+from emloc.errors import EMLoCError
 
 
 def _left_padded(adapter, rows: list, pad_id: int, offset: int):

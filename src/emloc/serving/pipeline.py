@@ -14,8 +14,8 @@ from __future__ import annotations
 from transformers import AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .compressor import EMLoC
-from .errors import EMLoCError
+from emloc.engine import EMLoC
+from emloc.errors import EMLoCError
 
 TASK = "emloc-text-generation"
 

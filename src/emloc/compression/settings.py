@@ -5,7 +5,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
-from .errors import EMLoCError
+from emloc.errors import EMLoCError
 
 METHODS = ("emloc", "full", "uniform", "pyramid", "snapkv", "tova", "streaming")
 FIXED_RATIO_METHODS = ("uniform", "pyramid", "snapkv", "tova", "streaming")  # need keep_ratio

@@ -1,0 +1,1 @@
+"""The task memory and its file: checksummed format, fingerprints, atomic output files."""
