@@ -206,8 +206,13 @@ def test_recent_tokens_keeps_the_last_demos_whole_and_prunes_the_rest_as_before(
         older = sum(c["layers"][l]["kept"] for c in b.stats[:2])
         assert layer.length == older + sum(c["tokens"] for c in b.stats[2:])
         assert older < sum(c["tokens"] for c in b.stats[:2])
-    for x, y in zip(a.first_chunks(2).layers, b.first_chunks(2).layers):  # the older chunks: as before
-        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+    older_tokens = sum(c["tokens"] for c in b.stats[:2])
+    for x, y in zip(a.layers, b.layers):  # the older chunks: as before
+        n = int((y.positions[0] < older_tokens).sum())
+        assert torch.equal(x.keys[:, :n], y.keys[:, :n]) and torch.equal(x.positions[:, :n], y.positions[:, :n])
+        assert int((x.positions[0] < older_tokens).sum()) == n
+    with pytest.raises(emloc.EMLoCError, match="recent_tokens"):  # not what compressing 4 demos keeps
+        b.first_chunks(2)
     one_less = emloc.EMLoC(model, tok, method="uniform", keep_ratio=0.3, demos_per_chunk=2,
                            recent_tokens=budget - 1, progress=False).compress(DEMOS)
     assert sum(c["demos"] for c in one_less.stats if c["kept_whole"]) == 2
@@ -282,7 +287,7 @@ def test_demo_prints_answers_without_demos_with_the_full_context_and_from_the_me
 
 # -- protected tokens and candidate sizes ---------------------------------------------------------
 def test_protected_tokens_are_kept_even_when_scores_pass_the_bonus():
-    from emloc.compression.chunk_loop import protection_bonus
+    from emloc.compression.methods.emloc_search import protection_bonus
     from emloc_kernels import rank_tokens
 
     torch.manual_seed(0)
@@ -302,7 +307,7 @@ def test_protected_tokens_are_kept_even_when_scores_pass_the_bonus():
 
 
 def test_ratios_clamped_to_the_same_size_are_tested_once_and_the_kept_fraction_is_reported():
-    from emloc.compression.chunk_loop import distinct_trials
+    from emloc.compression.methods.emloc_search import distinct_trials
 
     assert distinct_trials([0.1, 0.2, 0.5, 0.9], [7, 7, 12, 20], 20) == [(0.1, 7), (0.5, 12)]
     model = tiny_model("llama", std=0.2, seed=7)

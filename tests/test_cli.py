@@ -64,7 +64,7 @@ def test_compress_inspect_answer(compressed, capsys):
     code, out, _ = run(capsys, ["inspect", w["memory"], "--plot", str(png)])
     assert code == 0
     assert f"context tokens: {memory.context_length}, chunks: 2" in out
-    assert "header and 6 tensors match their SHA-256 checksums" in out
+    assert "header and 9 tensors match their SHA-256 checksums" in out
     for l, kept in enumerate(memory.layer_lengths):
         assert f"{l:>5} {kept:>7} " in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

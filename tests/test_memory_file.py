@@ -76,8 +76,8 @@ def test_file_is_standard_safetensors_with_a_checksum_per_tensor(saved):
     _, memory, _, data = saved
     outer, tensors = parts(data)
     header = json.loads(outer["__metadata__"]["header"])
-    assert outer["__metadata__"]["version"] == "2"
-    assert sorted(header["tensors"]) == sorted(tensors) and len(tensors) == 2 * len(memory.layers)
+    assert outer["__metadata__"]["version"] == "3"
+    assert sorted(header["tensors"]) == sorted(tensors) and len(tensors) == 3 * len(memory.layers)
     import hashlib
     for name, tensor in tensors.items():
         assert header["tensors"][name]["sha256"] == hashlib.sha256(tensor.numpy().tobytes()).hexdigest()

@@ -96,9 +96,10 @@ def test_load_rejects_other_model_and_damaged_files(compressed, tmp_path):
     with pytest.raises(emloc.EMLoCError, match="no memory file"):
         emloc.TaskMemory.load(tmp_path / "missing.emloc", comp.model)
     newer = tmp_path / "newer.emloc"
-    newer.write_bytes(data.replace(b'"version":"2"', b'"version":"9"'))
-    with pytest.raises(emloc.EMLoCError, match="format version"):
-        emloc.TaskMemory.load(newer, comp.model)
+    for version in (b"9", b"2"):  # a newer one, and version 2 (no positions): compress again
+        newer.write_bytes(data.replace(b'"version":"3"', b'"version":"' + version + b'"'))
+        with pytest.raises(emloc.EMLoCError, match="format version.*Compress the task again"):
+            emloc.TaskMemory.load(newer, comp.model)
 
 
 def test_memory_from_another_model_is_refused_when_answering(compressed):
@@ -114,20 +115,23 @@ def test_layer_buffer_appends_grow_and_trim():
     from emloc.io.memory import LayerMemory
 
     g = torch.Generator().manual_seed(0)
-    layer, expected_k, expected_v = LayerMemory(2, 8, torch.float32, torch.device("cpu")), [], []
+    layer, expected_k, expected_v, expected_p = LayerMemory(2, 8, torch.float32, torch.device("cpu")), [], [], []
     for chunk in range(12):
         length = 5 + chunk % 4
         k, v = torch.randn(2, length, 8, generator=g), torch.randn(2, length, 8, generator=g)
         index = torch.stack([torch.randperm(length, generator=g)[:3].sort().values for _ in range(2)])
-        layer.append(k, v, index, backend="torch")
+        layer.append(k, v, index, 100 * chunk, backend="torch")
+        expected_p.append(100 * chunk + index)
         expected_k.append(torch.stack([k[h, index[h]] for h in range(2)]))
         expected_v.append(torch.stack([v[h, index[h]] for h in range(2)]))
         assert layer._k.shape[1] <= max(3 * (chunk + 1), int(LayerMemory.GROWTH * 3 * chunk) + 3)
     assert torch.equal(layer.keys, torch.cat(expected_k, dim=1))
     assert torch.equal(layer.values, torch.cat(expected_v, dim=1))
+    assert torch.equal(layer.positions, torch.cat(expected_p, dim=1))
     layer.trim()
-    assert layer._k.shape[1] == layer._v.shape[1] == layer.length == 36
+    assert layer._k.shape[1] == layer._v.shape[1] == layer._p.shape[1] == layer.length == 36
     assert torch.equal(layer.keys, torch.cat(expected_k, dim=1))
+    assert torch.equal(layer.positions, torch.cat(expected_p, dim=1))
 
 
 def test_compressed_memory_holds_no_unused_rows(compressed):

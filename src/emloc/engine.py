@@ -141,6 +141,7 @@ class EMLoC:
         n_chunks = len(bounds)
         # with images, render (and process) one chunk at a time; text is cheap: check it all first
         rendered = (self._render_chunk(demos, bounds, c, system) for c in range(n_chunks))
+        total = None  # context tokens, known up front for text only
         if self.renderer.media is None:
             chunks, probes = self._chunks(demos, system, bounds)
             rendered = zip(chunks, probes)
@@ -160,7 +161,8 @@ class EMLoC:
             bar = tqdm(total=n_chunks, desc="compressing", unit="chunk", file=sys.stderr)
         with a.emloc_attention():
             for c, (chunk, rows) in enumerate(rendered):
-                stats = worker.compress(memory, chunk, rows, keep_whole=c >= first_recent)
+                stats = worker.compress(memory, chunk, rows, keep_whole=c >= first_recent,
+                                        last=c == n_chunks - 1, tokens_total=total)
                 memory.stats.append({"chunk": c, **stats})
                 if bar is not None:
                     bar.update(1)
@@ -169,6 +171,7 @@ class EMLoC:
             bar.close()
         for layer in memory.layers:
             layer.trim()
+        memory.count_kept(worker.token_types)
         return memory
 
     # -- answering ---------------------------------------------------------------------------

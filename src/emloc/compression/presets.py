@@ -28,10 +28,15 @@ def preset_settings(name) -> dict:
 
 def resolve_settings(preset=None, **given):
     """Settings of `preset` (None = "faithful") with every argument of `given` that is not None
-    replacing the preset's value; an explicit demos_per_chunk replaces the preset's chunk_tokens."""
+    replacing the preset's value; an explicit demos_per_chunk replaces the preset's chunk_tokens,
+    and so does a one-prefill method (snapkv, tova, streaming: the whole context in one chunk)."""
     from emloc.compression.settings import Settings
 
+    from emloc.compression.methods import REGISTRY
+
     base = preset_settings("faithful" if preset is None else preset)
-    if given.get("demos_per_chunk") is not None:
-        base.pop("chunk_tokens", None)
+    name = given.get("method") or base.get("method", "emloc")
+    method = REGISTRY.get(name) if isinstance(name, str) else None  # Settings refuses the others
+    if given.get("demos_per_chunk") is not None or (method is not None and method.one_chunk):
+        base.pop("chunk_tokens", None)  # a one-prefill method keeps its one chunk
     return Settings(**{**base, **{k: v for k, v in given.items() if v is not None}})

@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass
 
 from emloc.errors import EMLoCError
 
-METHODS = ("emloc", "full", "uniform", "pyramid", "snapkv", "tova", "streaming")
-FIXED_RATIO_METHODS = ("uniform", "pyramid", "snapkv", "tova", "streaming")  # need keep_ratio
-ONE_PREFILL_METHODS = ("snapkv", "tova", "streaming")  # baselines: the whole context in one chunk, no probe
+from emloc.compression.methods import REGISTRY
+
+METHODS = tuple(REGISTRY)
+FIXED_RATIO_METHODS = tuple(name for name, m in REGISTRY.items() if m.needs_keep_ratio)  # need keep_ratio
 DEFAULT_DEMOS_PER_CHUNK = 4
 BACKENDS = ("auto", "triton", "torch")
 
@@ -20,9 +21,8 @@ class Settings:
 
     tolerance        δ, the JS bound per chunk (natural log); 0 disables pruning.
     ratios           candidate keep-ratios, tried in increasing order.
-    demos_per_chunk  demonstrations rendered and compressed together; None = 4 for "emloc",
-                     "full", "uniform", "pyramid" and all demos in one chunk for the one-prefill
-                     baselines (or when chunk_tokens is given).
+    demos_per_chunk  demonstrations rendered and compressed together; None = 4, except all demos
+                     in one chunk for the one-prefill baselines (or when chunk_tokens is given).
     chunk_tokens     cut chunks by size instead: consecutive demos while their tokens (each demo
                      rendered alone) fit in chunk_tokens, at least one demo per chunk.
     lookback_chunks  how many previous chunks a chunk's prefill, probe and tests see uncompressed
@@ -37,8 +37,12 @@ class Settings:
     method           "emloc" (search), "full" (no pruning), "uniform" / "pyramid" (fixed schedules
                      by emloc's scores), "snapkv" / "tova" / "streaming" (one-prefill baselines:
                      SnapKV's observation-window scores, TOVA's last-token scores, StreamingLLM's
-                     sinks + recent tokens).
-    keep_ratio       mean kept fraction per layer for the fixed-ratio methods.
+                     sinks + recent tokens), "budget" (one budget shared by all chunks: SnapKV's
+                     scores over the memory pool, chunk by chunk), "tova-stream" (TOVA with a
+                     fixed budget as chunks arrive). One module each in compression/methods/.
+    keep_ratio       kept fraction of the context per layer for the fixed-ratio methods.
+    pool_factor      method="budget": the pool holds at most pool_factor × the final budget rows
+                     per layer between chunks (peak memory: that pool plus one chunk).
     window           SnapKV's observation window (the last tokens of the context; always kept).
     sinks            StreamingLLM's attention-sink tokens kept at the start.
     pool_width       width of the mean pool that smooths importance scores.
@@ -58,6 +62,7 @@ class Settings:
     lookback_chunks: int | str = 0
     recent_tokens: int = 0
     protect_first: int = 0
+    pool_factor: float = 2.0
     window: int = 64
     sinks: int = 4
     pool_width: int = 5
@@ -93,6 +98,13 @@ class Settings:
                 raise EMLoCError(f"method={self.method!r} needs keep_ratio in (0, 1], got {kr!r}")
         elif self.keep_ratio is not None:
             raise EMLoCError(f"keep_ratio only applies to {FIXED_RATIO_METHODS}, not {self.method!r}")
+        if REGISTRY[self.method].pooled and self.lookback_chunks != 0:
+            raise EMLoCError(f"lookback_chunks applies to the methods that append chunk by chunk; "
+                             f"method={self.method!r} selects the whole memory again at every chunk")
+        pf = self.pool_factor
+        if isinstance(pf, bool) or not isinstance(pf, (int, float)) or math.isnan(pf) or pf < 1:
+            raise EMLoCError(f"pool_factor must be a number >= 1 (the pool in final budgets), got {pf!r}")
+        object.__setattr__(self, "pool_factor", float(pf))
         lg = self.layer_group
         if isinstance(lg, bool) or not isinstance(lg, int) or lg < 1:
             raise EMLoCError(f"layer_group must be an integer >= 1 (1 = the faithful search), got {lg!r}")
@@ -117,7 +129,7 @@ class Settings:
                 raise EMLoCError("give demos_per_chunk or chunk_tokens, not both")
         elif dpc is not None:
             positive_int("demos_per_chunk", dpc)
-        elif self.method not in ONE_PREFILL_METHODS:
+        elif not REGISTRY[self.method].one_chunk:
             object.__setattr__(self, "demos_per_chunk", DEFAULT_DEMOS_PER_CHUNK)
         lb = self.lookback_chunks
         if lb != "all" and (isinstance(lb, bool) or not isinstance(lb, int) or lb < 0):

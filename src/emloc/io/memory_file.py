@@ -4,16 +4,19 @@ Layout (standard safetensors, readable by any safetensors reader):
   8 bytes     little-endian length N of the JSON that follows
   N bytes     JSON: {"__metadata__": {...}, "<tensor name>": {"dtype", "shape", "data_offsets"}, ...}
   data        the tensors' bytes, back to back
-__metadata__ holds exactly: format ("emloc-task-memory"), version ("2"), header (the emloc header
+__metadata__ holds exactly: format ("emloc-task-memory"), version ("3"), header (the emloc header
 as JSON text) and header_sha256 (SHA-256 of that text). The emloc header holds offset,
 context_length, fingerprint, settings, stats, and "tensors": {name: {dtype, shape, sha256 of its
 bytes}}. Reading (decode) refuses, with EMLoCError, anything that is not exactly such a file:
 wrong lengths, overlapping or gapped data, trailing bytes, duplicate JSON keys, a header whose
 checksum or schema fails (types, ranges, token counts that add up to the offset and context
-length, one keys/values tensor per layer of [KV heads, kept tokens, head dim] in the
-fingerprint's dtype), or tensor bytes that do not match their checksum.
+length, per layer one keys/values tensor of [KV heads, kept tokens, head dim] in the
+fingerprint's dtype and one int64 positions tensor of [KV heads, kept tokens]: the context index
+of each kept row, increasing along each head, whose count per chunk is the chunk's "kept"
+statistic), or tensor bytes that do not match their checksum.
 
-Version 1 files (no checksums, a weaker model fingerprint) are refused: compress again.
+Older versions are refused: compress again (version 1 had no checksums and a weaker model
+fingerprint; version 2 had no positions, so a memory had to be contiguous runs of its chunks).
 """
 from __future__ import annotations
 
@@ -27,13 +30,14 @@ import torch
 from emloc.errors import EMLoCError
 
 FORMAT_NAME = "emloc-task-memory"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 METADATA_KEYS = {"format", "version", "header", "header_sha256"}
 HEADER_KEYS = {"offset", "context_length", "fingerprint", "settings", "stats", "tensors"}
 # safetensors dtype codes of the dtypes a model (and so its memory) can have
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 DTYPE_NAMES = {str(dtype).replace("torch.", ""): dtype for dtype in DTYPES.values()}
+DTYPES["I64"] = torch.int64  # the positions tensors
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 MODEL_INT_KEYS = ("n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_size", "vocab_size")
 
 
@@ -49,7 +53,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def layer_names(n_layers: int) -> list:
-    return [f"layers.{i}.{part}" for i in range(n_layers) for part in ("keys", "values")]
+    return [f"layers.{i}.{part}" for i in range(n_layers) for part in ("keys", "values", "positions")]
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -62,6 +66,7 @@ def encode(header: dict, tensors: dict) -> bytes:
                                            "sha256": sha256(tensor_bytes(t))}
                                     for name, t in tensors.items()}}
     validate_header(header, "the memory to save")  # never write a file that reading refuses
+    validate_positions(header, tensors, "the memory to save")
     text = json.dumps(header, allow_nan=True)
     metadata = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "header": text,
                 "header_sha256": sha256(text.encode("utf-8"))}
@@ -113,7 +118,9 @@ def decode(data: bytearray, where: str):
         raise EMLoCError(f"{where} is damaged: its header does not match its checksum")
     header = _json(metadata["header"], "emloc header", where)
     validate_header(header, where)
-    return header, _tensors(outer, header["tensors"], data, 8 + n, where)
+    tensors = _tensors(outer, header["tensors"], data, 8 + n, where)
+    validate_positions(header, tensors, where)
+    return header, tensors
 
 
 def _tensors(entries: dict, expected: dict, data: bytearray, start: int, where: str) -> dict:
@@ -200,6 +207,10 @@ def validate_header(header, where: str) -> None:
         _check_chunk(chunk, c, n_layers, fail)
         for l, layer in enumerate(chunk["layers"]):
             kept[l] += layer["kept"]
+    for l, total in enumerate(kept):  # rows per head: a whole number
+        if abs(total - round(total)) > 1e-6 * len(stats):
+            fail(f"layer {l}'s kept counts add up to {total}, not a whole number of rows")
+        kept[l] = round(total)
     for key, total in (("context_length", sum(c["tokens"] for c in stats)),
                        ("offset", sum(c["positions"] for c in stats))):
         if not _is_int(header[key]) or header[key] != total:
@@ -208,10 +219,12 @@ def validate_header(header, where: str) -> None:
     names = layer_names(n_layers)
     if not isinstance(tensors, dict) or sorted(tensors) != sorted(names):
         fail(f"it must hold the keys and values of its {n_layers} layers")
-    code = DTYPE_CODES[DTYPE_NAMES[fp["dtype"]]]
     for name in names:
         entry, l = tensors[name], int(name.split(".")[1])
-        shape = [fp["n_kv_heads"], kept[l], fp["head_dim"]]
+        if name.endswith(".positions"):
+            shape, code = [fp["n_kv_heads"], kept[l]], DTYPE_CODES[torch.int64]
+        else:
+            shape, code = [fp["n_kv_heads"], kept[l], fp["head_dim"]], DTYPE_CODES[DTYPE_NAMES[fp["dtype"]]]
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "sha256"}:
             fail(f"the entry of tensor {name} is malformed")
         if entry["dtype"] != code or entry["shape"] != shape or not isinstance(entry["sha256"], str):
@@ -238,11 +251,39 @@ def _check_chunk(chunk, c: int, n_layers: int, fail) -> None:
     for l, layer in enumerate(layers):
         if not isinstance(layer, dict):
             fail(f"chunk {c}, layer {l}: statistics are not an object")
-        if not _is_int(layer.get("kept")) or not 0 <= layer["kept"] <= chunk["tokens"]:
-            fail(f"chunk {c}, layer {l}: kept is {layer.get('kept')!r}, not an integer in [0, {chunk['tokens']}]")
+        if not _is_number(layer.get("kept")) or not 0 <= layer["kept"] <= chunk["tokens"]:
+            fail(f"chunk {c}, layer {l}: kept is {layer.get('kept')!r}, not a number in [0, {chunk['tokens']}]")
         ratio = layer.get("ratio")
         if ratio is not None and not (_is_number(ratio) and 0 <= ratio <= 1):
             fail(f"chunk {c}, layer {l}: ratio is {ratio!r}, not a number in [0, 1] or null")
         for key in ("js", "kept_image", "kept_video"):
             if layer.get(key) is not None and not _nonneg(layer[key]):
                 fail(f"chunk {c}, layer {l}: {key} is {layer[key]!r}, not a number >= 0 or null")
+
+
+def validate_positions(header: dict, tensors: dict, where: str) -> None:
+    """Raise EMLoCError unless every layer's positions [Hkv, M] increase along each head, lie in
+    [0, context_length), and hold, per chunk, the chunk's "kept" rows (averaged over heads)."""
+    def fail(what):
+        raise EMLoCError(f"{where} is damaged: {what}; compress the task again")
+
+    stats = header["stats"]
+    bounds = [0]
+    for chunk in stats:
+        bounds.append(bounds[-1] + chunk["tokens"])
+    edges = torch.tensor(bounds[1:-1], dtype=torch.int64)
+    for l in range(header["fingerprint"]["n_layers"]):
+        positions = tensors[f"layers.{l}.positions"]
+        if positions.numel() == 0:
+            counts = torch.zeros(len(stats), dtype=torch.float64)
+        else:
+            if bool((positions[:, 1:] <= positions[:, :-1]).any()):
+                fail(f"layer {l}'s positions do not increase along each head")
+            if int(positions.min()) < 0 or int(positions.max()) >= header["context_length"]:
+                fail(f"layer {l}'s positions run outside the context's {header['context_length']} tokens")
+            which = torch.bucketize(positions, edges, right=True)
+            counts = torch.stack([(which == c).sum(dim=1) for c in range(len(stats))]).double().mean(dim=1)
+        for c, chunk in enumerate(stats):
+            if abs(float(counts[c]) - chunk["layers"][l]["kept"]) > 1e-9 * max(1, chunk["tokens"]):
+                fail(f"chunk {c}, layer {l}: kept is {chunk['layers'][l]['kept']}, its positions hold "
+                     f"{float(counts[c])} rows per head")
