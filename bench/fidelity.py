@@ -6,9 +6,13 @@ distribution of the first answer token is compared with the full context's:
 
   zero-shot    no demonstrations at all (how much the demonstrations change the answers)
   full         method="full", the uncompressed context (the reference)
-  fixed kept fraction, at each of --ratios:
+  fixed kept fraction, at each of --ratios (--methods picks among them):
+    budget                    method="budget": one budget shared over 4-demo chunks (emloc's own)
     snapkv, tova, streaming   one prefill of the whole context (baselines, see emloc.compression.baseline_scores)
+    snapkv per chunk          SnapKV on each 4-demo chunk alone (kvpress's ChunkPress, with true chunked prefill)
+    tova-stream               TOVA with a fixed budget as the 4-demo chunks arrive (bounded memory)
     uniform                   emloc's importance scores, chunked as the faithful method
+    fewer demos               no compression: the last demos whose context fits in the same memory
   searches, at each δ of --deltas, for each preset of --presets (default: every preset;
     "faithful" is labelled emloc)
 
@@ -17,8 +21,11 @@ context, the kept fraction (mean kept tokens per layer / context tokens), accura
 whose first token is most likely), compression seconds.
 
 The chunk sweep (--chunk-task) compresses one task with uniform at --chunk-ratio, the context cut
-into 1, 2, 4, 8, 16 chunks, and each preset's search at its default δ, each in a fresh
-process that also records the peak memory while compressing (RSS above the loaded model).
+into 1, 2, 4, 8, 16 chunks (--chunks), and each preset's search at its default δ, each in a fresh
+process that also records the peak memory while compressing (RSS above the loaded model). The
+scaling sweep (--scale-demos) compresses the same task's demos, repeated to each count, with
+budget and one-prefill SnapKV at --chunk-ratio, also in fresh processes: peak memory and seconds
+as the context grows.
 
     emloc bench fidelity                 # 3 tasks + chunk sweep: about 1.5 h on 2 shared cores
     emloc bench fidelity --quick         # a smoke run (~3 min); writes nothing unless --out-dir
@@ -50,9 +57,22 @@ DEFAULT_RATIOS = (0.5, 0.25, 0.1)
 DEFAULT_DELTAS = (0.005, 0.02)
 DEFAULT_QUERIES = 50
 DEFAULT_CHUNKS = (1, 2, 4, 8, 16)
-FIXED_METHODS = ("snapkv", "tova", "streaming", "uniform")
+DEFAULT_SCALE_DEMOS = (27, 54, 108, 216)
+FEWER = "fewer demos"
+# label -> EMLoC settings at kept fraction r, of the fixed-ratio runs, in report order
+FIXED_RUNS = {
+    "budget": lambda r: {"method": "budget", "keep_ratio": r},
+    "snapkv": lambda r: {"method": "snapkv", "keep_ratio": r},
+    "snapkv per chunk": lambda r: {"method": "snapkv", "keep_ratio": r, "demos_per_chunk": 4},
+    "tova": lambda r: {"method": "tova", "keep_ratio": r},
+    "tova-stream": lambda r: {"method": "tova-stream", "keep_ratio": r},
+    "streaming": lambda r: {"method": "streaming", "keep_ratio": r},
+    "uniform": lambda r: {"method": "uniform", "keep_ratio": r},
+}
+FIXED_METHODS = (*FIXED_RUNS, FEWER)
+SCALE_METHODS = ("budget", "snapkv")
 COLUMNS = ["task", "method", "setting", "kept", "compression", "js", "top1", "accuracy", "seconds",
-           "chunks", "peak_mb", "memory_mb"]
+           "chunks", "peak_mb", "memory_mb", "sweep", "demos"]
 
 
 @dataclass
@@ -147,15 +167,36 @@ def search_label(preset: str) -> str:
     return "emloc" if preset == "faithful" else f"preset {preset}"
 
 
-def method_runs(ratios, deltas, presets) -> list:
+def method_runs(ratios, deltas, presets, methods=FIXED_METHODS) -> list:
     """(method label, EMLoC settings) of every compressed run of one task, in report order; the
-    searches run each preset ("faithful" is labelled emloc) at each δ."""
-    runs = [(m, {"method": m, "keep_ratio": r}) for r in ratios for m in FIXED_METHODS]
+    searches run each preset ("faithful" is labelled emloc) at each δ. The fewer-demos rows have
+    settings {"keep_ratio": r} (see fewer_demos)."""
+    runs = [(m, FIXED_RUNS[m](r) if m in FIXED_RUNS else {"keep_ratio": r})
+            for r in ratios for m in FIXED_METHODS if m in methods]
     return runs + [(search_label(p), {"preset": p, "tolerance": d}) for p in presets for d in deltas]
 
 
+def fewer_demos(model, tokenizer, task: Task, ratio: float, context: int, backend="auto"):
+    """(EMLoC, memory, seconds, k): the last k demos uncompressed (method="full"), k the most whose
+    tokens (each demo rendered alone, plus the system message's share of the full context) fit in
+    ratio × `context`, the all-demos context's tokens; at least one demo."""
+    from emloc import EMLoC
+
+    probe = EMLoC(model, tokenizer, method="full", progress=False)
+    lengths = [len(probe.renderer.demos([probe.renderer.prepared(d, "demo")], system=False).ids) for d in task.demos]
+    overhead = max(0, context - sum(lengths))  # the system message and the template's opening
+    k, used = 0, overhead
+    while k < len(lengths) and used + lengths[-1 - k] <= ratio * context:
+        used += lengths[-1 - k]
+        k += 1
+    k = max(1, k)
+    fewer = Task(task.name, task.system, task.labels, task.demos[-k:], task.queries)
+    comp, memory, seconds = compress_timed(model, tokenizer, fewer, {"method": "full"}, backend)
+    return comp, memory, seconds, k
+
+
 def run_task(model, tokenizer, task: Task, ratios=DEFAULT_RATIOS, deltas=DEFAULT_DELTAS, presets=(),
-             backend="auto", log=print, checkpoint=None) -> tuple:
+             backend="auto", log=print, checkpoint=None, methods=FIXED_METHODS) -> tuple:
     """(rows of COLUMNS for zero-shot, full and every run, the full context's log-probs [N, V]);
     checkpoint(rows so far) is called after each run (to keep partial results)."""
     label_ids = label_first_ids(tokenizer, task.labels)
@@ -164,10 +205,11 @@ def run_task(model, tokenizer, task: Task, ratios=DEFAULT_RATIOS, deltas=DEFAULT
     context = full_memory.context_length
     log(f"{task.name}: {len(task.demos)} demos, {context} context tokens, {len(task.queries)} queries")
 
-    def row(method, setting, logprobs, memory=None, seconds=0.0):
-        kept = 0.0 if memory is None else 1.0 / memory.compression_ratio
+    def row(method, setting, logprobs, memory=None, seconds=0.0, kept=None):
+        if kept is None:
+            kept = 0.0 if memory is None else 1.0 / memory.compression_ratio
         r = {"task": task.name, "method": method, "setting": setting, "kept": kept,
-             "compression": None if memory is None else memory.compression_ratio, "seconds": seconds,
+             "compression": None if memory is None else 1.0 / kept, "seconds": seconds,
              "chunks": None if memory is None else len(memory.stats), "peak_mb": None, "memory_mb": None,
              **metrics(logprobs, reference, task, label_ids)}
         log(f"  {method:<18} {setting:<34} kept {kept:.3f}  JS {r['js']:.5f}  top-1 {r['top1']:.2f}  "
@@ -176,61 +218,89 @@ def run_task(model, tokenizer, task: Task, ratios=DEFAULT_RATIOS, deltas=DEFAULT
 
     rows = [row("zero-shot", "-", zero_shot_logprobs(model, tokenizer, task)),
             row("full", "-", reference, full_memory, seconds)]
-    for method, settings in method_runs(ratios, deltas, presets):
-        comp, memory, seconds = compress_timed(model, tokenizer, task, settings, backend)
-        rows.append(row(method, _describe(settings), first_token_logprobs(comp, memory, task), memory, seconds))
+    for method, settings in method_runs(ratios, deltas, presets, methods):
+        if method == FEWER:
+            comp, memory, seconds, k = fewer_demos(model, tokenizer, task, settings["keep_ratio"], context, backend)
+            rows.append(row(method, f"keep_ratio={settings['keep_ratio']}, last {k} demos",
+                            first_token_logprobs(comp, memory, task), memory, seconds,
+                            kept=memory.context_length / context))
+        else:
+            comp, memory, seconds = compress_timed(model, tokenizer, task, settings, backend)
+            rows.append(row(method, _describe(settings), first_token_logprobs(comp, memory, task), memory, seconds))
         if checkpoint is not None:
             checkpoint(rows)
     return rows, reference
 
 
 # -- the chunk sweep: one fresh process per point, with its peak memory ----------------------
+def repeated(demos: list, n: int) -> list:
+    """The first n of demos, repeated from the start as often as needed."""
+    return [demos[i % len(demos)] for i in range(n)]
+
+
 def child_main(spec: dict) -> dict:
-    """In a fresh process: compress spec["task"] with spec["settings"], sampling the RSS every
-    5 ms; then the metrics against the reference log-probs saved at spec["reference"]."""
+    """In a fresh process: compress spec["task"] (its first spec["demos"] demos, repeated if there
+    are fewer) with spec["settings"], sampling the RSS every 5 ms; then the metrics against the
+    reference log-probs saved at spec["reference"] (none without one)."""
     from _rss import peak_rss_growth
 
     from emloc.models import load_model
 
     torch.set_num_threads(spec["threads"])
     (task,) = load_tasks([spec["task"]])
-    task.demos, task.queries = task.demos[:spec.get("demos")], task.queries[:spec["queries"]]
+    task.demos, task.queries = repeated(task.demos, spec.get("demos") or len(task.demos)), task.queries[:spec["queries"]]
     model, tokenizer = load_model(spec.get("model"))
     (comp, memory, seconds), growth = peak_rss_growth(
         lambda: compress_timed(model, tokenizer, task, spec["settings"], spec["backend"]))
-    reference = torch.load(spec["reference"])
-    result = metrics(first_token_logprobs(comp, memory, task), reference, task,
-                     label_first_ids(tokenizer, task.labels))
+    result = {"js": None, "top1": None, "accuracy": None}
+    if spec.get("reference"):
+        result = metrics(first_token_logprobs(comp, memory, task), torch.load(spec["reference"]), task,
+                         label_first_ids(tokenizer, task.labels))
     return {**result, "kept": 1.0 / memory.compression_ratio, "compression": memory.compression_ratio,
-            "seconds": seconds, "chunks": len(memory.stats),
-            "peak_mb": growth / 2**20, "memory_mb": memory.nbytes / 2**20}
+            "seconds": seconds, "chunks": len(memory.stats), "demos": len(task.demos),
+            "context": memory.context_length, "peak_mb": growth / 2**20, "memory_mb": memory.nbytes / 2**20}
+
+
+def run_children(task: Task, runs, args, reference=None, log=print) -> list:
+    """One fresh child process per (method, settings, demos, sweep) of runs (a fixed glibc mmap
+    threshold, so that the RSS tracks live memory); rows of COLUMNS."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_path = None
+        if reference is not None:
+            ref_path = Path(tmp) / "reference.pt"
+            torch.save(reference, ref_path)
+        for method, settings, demos, sweep in runs:
+            spec = {"task": task.name, "demos": demos, "queries": len(task.queries), "settings": settings,
+                    "backend": args.backend, "threads": args.threads,
+                    "reference": None if ref_path is None else str(ref_path), "model": args.model}
+            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                                 text=True, env=env)
+            if out.returncode != 0:
+                raise RuntimeError(f"sweep child failed: {out.stderr[-2000:]}")
+            r = {"task": task.name, "method": method, "setting": _describe(settings), "sweep": sweep,
+                 **json.loads(out.stdout.strip().splitlines()[-1])}
+            log(f"  {sweep} sweep {method:<14} {r['setting']:<34} demos {r['demos']:>4} chunks {r['chunks']:>3}  "
+                f"kept {r['kept']:.3f}  JS {_fmt(r['js'], '.5f')}  peak +{r['peak_mb']:.0f} MiB  ({r['seconds']:.0f} s)")
+            rows.append(r)
+    return rows
 
 
 def chunk_sweep(task: Task, reference, chunks, ratio, presets, args, log=print) -> list:
     """Rows of the chunk sweep: uniform at `ratio` with the demos cut into each count of `chunks`,
-    then each preset's search at its default δ, each in a fresh child process (with
-    a fixed glibc mmap threshold, so that the RSS tracks live memory)."""
+    then each preset's search at its default δ, each in a fresh child process."""
     runs = [("uniform", {"method": "uniform", "keep_ratio": ratio,
-                         "demos_per_chunk": -(-len(task.demos) // n)}) for n in chunks]
-    runs += [(search_label(p), {"preset": p}) for p in presets]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        ref_path = Path(tmp) / "reference.pt"
-        torch.save(reference, ref_path)
-        for method, settings in runs:
-            spec = {"task": task.name, "demos": len(task.demos), "queries": len(task.queries), "settings": settings, "backend": args.backend,
-                    "threads": args.threads, "reference": str(ref_path), "model": args.model}
-            out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                 text=True, env=env)
-            if out.returncode != 0:
-                raise RuntimeError(f"chunk-sweep child failed: {out.stderr[-2000:]}")
-            r = {"task": task.name, "method": method, "setting": _describe(settings),
-                 **json.loads(out.stdout.strip().splitlines()[-1])}
-            log(f"  sweep {method:<14} {r['setting']:<34} chunks {r['chunks']:>3}  kept {r['kept']:.3f}  "
-                f"JS {r['js']:.5f}  top-1 {r['top1']:.2f}  peak +{r['peak_mb']:.0f} MiB  ({r['seconds']:.0f} s)")
-            rows.append(r)
-    return rows
+                         "demos_per_chunk": -(-len(task.demos) // n)}, len(task.demos), "chunks") for n in chunks]
+    runs += [(search_label(p), {"preset": p}, len(task.demos), "chunks") for p in presets]
+    return run_children(task, runs, args, reference, log)
+
+
+def scale_sweep(task: Task, counts, ratio, args, log=print) -> list:
+    """Rows of the scaling sweep: budget and one-prefill SnapKV at `ratio` on the task's demos
+    repeated to each of `counts` demonstrations (no metrics: peak memory and seconds)."""
+    runs = [(m, FIXED_RUNS[m](ratio), n, "scale") for n in counts for m in SCALE_METHODS]
+    return run_children(task, runs, args, None, log)
 
 
 # -- reporting ------------------------------------------------------------------------------
@@ -264,15 +334,27 @@ def markdown(rows, sweep_rows, command, seconds=None, model_name="SmolLM2-135M-I
         n = next(r["chunks"] for r in task_rows if r["method"] == "full")
         parts += [f"## {task} ({n} chunks of 4 demos in the faithful method)", "", TABLE_HEADER,
                   *map(_line, task_rows), ""]
-    if sweep_rows:
-        parts += [f"## Chunk sweep ({sweep_rows[0]['task']}): fixed budget, 1 to 16 chunks, peak memory", "",
+    chunk_rows = [r for r in sweep_rows if r.get("sweep") != "scale"]
+    scale_rows = [r for r in sweep_rows if r.get("sweep") == "scale"]
+    if chunk_rows:
+        parts += [f"## Chunk sweep ({chunk_rows[0]['task']}): fixed budget, 1 to 16 chunks, peak memory", "",
                   "Each row in a fresh process; peak = the highest RSS while compressing above the RSS with "
                   "the model loaded (sampled every 5 ms, glibc mmap threshold fixed at 128 KiB).", "",
                   "| method | setting | chunks | kept | JS vs full | top-1 vs full | peak MiB | memory MiB | compress s |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-        parts += [f"| {r['method']} | {r['setting']} | {r['chunks']} | {r['kept']:.3f} | {r['js']:.5f} "
-                  f"| {r['top1']:.2f} | {r['peak_mb']:.1f} | {r['memory_mb']:.1f} | {r['seconds']:.0f} |"
-                  for r in sweep_rows]
+        parts += [f"| {r['method']} | {r['setting']} | {r['chunks']} | {r['kept']:.3f} | {_fmt(r['js'], '.5f')} "
+                  f"| {_fmt(r['top1'], '.2f')} | {r['peak_mb']:.1f} | {r['memory_mb']:.1f} | {r['seconds']:.0f} |"
+                  for r in chunk_rows]
+        parts.append("")
+    if scale_rows:
+        parts += [f"## Scaling ({scale_rows[0]['task']}, its demos repeated): peak memory and time as the context grows", "",
+                  "Each row in a fresh process, peak measured as in the chunk sweep; budget in 4-demo chunks, "
+                  "SnapKV in one prefill.", "",
+                  "| method | setting | demos | chunks | peak MiB | memory MiB | peak / memory | compress s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        parts += [f"| {r['method']} | {r['setting']} | {r['demos']} | {r['chunks']} | {r['peak_mb']:.1f} "
+                  f"| {r['memory_mb']:.1f} | {r['peak_mb'] / r['memory_mb']:.1f} | {r['seconds']:.0f} |"
+                  for r in scale_rows]
         parts.append("")
     return "\n".join(parts)
 
@@ -285,9 +367,12 @@ def read_csv(paths) -> tuple:
     for path in paths:
         with Path(path).open(newline="") as f:
             for r in csv.DictReader(f):
-                r = {k: (None if v == "" else int(v) if k == "chunks" else float(v) if k in numbers else v)
-                     for k, v in r.items()}
-                key = (r["task"], r["method"], r["setting"], r["peak_mb"] is not None)
+                r = {k: (None if v in ("", None) else int(v) if k in ("chunks", "demos") else float(v)
+                         if k in numbers else v) for k, v in r.items()}
+                r.setdefault("demos", None)
+                if r["peak_mb"] is not None and not r.get("sweep"):
+                    r["sweep"] = "chunks"  # files of before the scaling sweep
+                key = (r["task"], r["method"], r["setting"], r.get("sweep"), r["demos"])
                 if key not in seen:
                     seen.add(key)
                     (sweep if r["peak_mb"] is not None else rows).append(r)
@@ -319,6 +404,8 @@ def plot(rows, sweep_rows, kept_path, chunks_path) -> bool:
         for i, method in enumerate(methods):
             points = sorted((r["kept"], r["js"], r["top1"]) for r in rows if r["task"] == task and r["method"] == method)
             style = "o-" if method in FIXED_METHODS else "s--"
+            if not points:
+                continue
             ax_js.plot([p[0] for p in points], [max(p[1], 1e-6) for p in points], style, color=f"C{i}", label=method)
             ax_top.plot([p[0] for p in points], [p[2] for p in points], style, color=f"C{i}", label=method)
         zero = next(r for r in rows if r["task"] == task and r["method"] == "zero-shot")
@@ -331,8 +418,8 @@ def plot(rows, sweep_rows, kept_path, chunks_path) -> bool:
     fig.tight_layout()
     fig.savefig(kept_path, dpi=110)
     plt.close(fig)
-    if sweep_rows:
-        uniform = [r for r in sweep_rows if r["method"] == "uniform"]
+    uniform = [r for r in sweep_rows if r["method"] == "uniform" and r.get("sweep") != "scale"]
+    if uniform:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["chunks"] for r in uniform], [r["js"] for r in uniform], "o-", label=uniform[0]["setting"].split(",")[0])
         ax.set(xscale="log", yscale="log", xlabel="chunks", ylabel="mean JS to the full context",
@@ -355,7 +442,12 @@ def main(argv=None) -> int:
     p.add_argument("--presets", nargs="*", default=None,
                    help="presets whose searches run at each δ (default: every preset of emloc.PRESETS)")
     p.add_argument("--chunk-task", default="sentiment", help="task of the chunk sweep ('none' to skip)")
-    p.add_argument("--chunks", type=int, nargs="+", default=list(DEFAULT_CHUNKS), help="chunk counts of the sweep")
+    p.add_argument("--chunks", type=int, nargs="*", default=list(DEFAULT_CHUNKS),
+                   help="chunk counts of the chunk sweep (none: no chunk sweep)")
+    p.add_argument("--scale-demos", type=int, nargs="*", default=list(DEFAULT_SCALE_DEMOS),
+                   help="demo counts of the scaling sweep (none: no scaling sweep)")
+    p.add_argument("--methods", nargs="+", default=list(FIXED_METHODS), choices=list(FIXED_METHODS), metavar="METHOD",
+                   help=f"the fixed-ratio runs (default all: {', '.join(FIXED_METHODS)})")
     p.add_argument("--chunk-ratio", type=float, default=0.25, help="kept fraction of the chunk sweep (uniform)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--quick", action="store_true", help="smoke run: the first task, 8 demos, 4 queries; writes only with --out-dir")
@@ -384,7 +476,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.tasks = args.tasks or [next(iter(json.loads((DATA_DIR / "tasks.json").read_text())))]
         args.demos, args.queries, args.ratios, args.deltas = args.demos or 8, 4, [0.25], [0.05]
-        args.chunks = [1, 2]
+        args.chunks, args.scale_demos = [1, 2], [4, 8]
     for name, value in (("--queries", args.queries), ("--demos", args.demos), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise EMLoCError(f"{name} must be >= 1, got {value}")
@@ -402,10 +494,12 @@ def main(argv=None) -> int:
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
         task_rows, reference = run_task(model, tokenizer, task, args.ratios, args.deltas, presets, args.backend,
-                                        checkpoint=keep)
+                                        checkpoint=keep, methods=args.methods)
         rows += task_rows
         if task.name == args.chunk_task:
-            sweep_rows = chunk_sweep(task, reference, args.chunks, args.chunk_ratio, presets, args)
+            if args.chunks or presets:
+                sweep_rows += chunk_sweep(task, reference, args.chunks, args.chunk_ratio, presets, args)
+            sweep_rows += scale_sweep(task, args.scale_demos, args.chunk_ratio, args)
     seconds = time.perf_counter() - t0
     page = markdown(rows, sweep_rows, command, seconds, **({"model_name": args.model} if args.model else {}))
     if out_dir is None:

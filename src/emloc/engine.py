@@ -53,13 +53,15 @@ class EMLoC:
     def __init__(self, model, processor, tolerance=None, ratios=None, demos_per_chunk=None,
                  method=None, keep_ratio=None, backend=None, progress=True, layer_group=None,
                  batch_candidates=None, preset=None, chunk_tokens=None, lookback_chunks=None,
-                 window=None, sinks=None, recent_tokens=None, protect_first=None):
+                 window=None, sinks=None, recent_tokens=None, protect_first=None, pool_factor=None,
+                 pool_scores=None):
         given = {"tolerance": tolerance, "ratios": ratios, "demos_per_chunk": demos_per_chunk,
                  "method": method, "keep_ratio": keep_ratio, "backend": backend,
                  "layer_group": layer_group, "batch_candidates": batch_candidates,
                  "chunk_tokens": chunk_tokens, "lookback_chunks": lookback_chunks,
                  "window": window, "sinks": sinks, "recent_tokens": recent_tokens,
-                 "protect_first": protect_first}
+                 "protect_first": protect_first, "pool_factor": pool_factor,
+                 "pool_scores": pool_scores}
         self.settings = resolve_settings(preset, **given)
         self.model = model
         self.adapter = adapter_for(model)

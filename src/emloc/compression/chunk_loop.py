@@ -56,6 +56,7 @@ class ChunkCompressor:
         self.backend = settings.backend
         self._recent = []  # per recent chunk: (its full (keys, values) per layer, kept rows per layer)
         self.token_types = []  # per chunk: [Lc] token types (vision_language.TOKEN_TYPES), or None
+        self.method_state = {}  # the selection method's own, across chunks (ChunkStep.state)
 
     def _context(self, memory) -> list:
         """Per layer (keys, values) [Hkv, M, D] that the chunk attends to: the memory, except that
@@ -102,7 +103,8 @@ class ChunkCompressor:
         if memory.context_length == 0:  # the context's first tokens: the attention sink
             protected[:s.protect_first] = True
         step = ChunkStep(a, s, self.backend, memory, chunk_kv, tail_queries, protected,
-                         tokens_seen=memory.context_length + chunk_len, tokens_total=tokens_total, last=last)
+                         tokens_seen=memory.context_length + chunk_len, tokens_total=tokens_total, last=last,
+                         state=self.method_state)
         if keep_whole:
             decisions = REGISTRY["full"].decide(step)
         else:

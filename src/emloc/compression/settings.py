@@ -10,6 +10,7 @@ from emloc.errors import EMLoCError
 from emloc.compression.methods import REGISTRY
 
 METHODS = tuple(REGISTRY)
+POOL_SCORES = ("mean", "window")
 FIXED_RATIO_METHODS = tuple(name for name, m in REGISTRY.items() if m.needs_keep_ratio)  # need keep_ratio
 DEFAULT_DEMOS_PER_CHUNK = 4
 BACKENDS = ("auto", "triton", "torch")
@@ -43,6 +44,9 @@ class Settings:
     keep_ratio       kept fraction of the context per layer for the fixed-ratio methods.
     pool_factor      method="budget": the pool holds at most pool_factor × the final budget rows
                      per layer between chunks (peak memory: that pool plus one chunk).
+    pool_scores      method="budget": rank the pool by the mean of the observation-window scores
+                     each row received over the chunks ("mean") or by the current chunk's window
+                     only ("window"); measured in bench/FIDELITY.md.
     window           SnapKV's observation window (the last tokens of the context; always kept).
     sinks            StreamingLLM's attention-sink tokens kept at the start.
     pool_width       width of the mean pool that smooths importance scores.
@@ -63,6 +67,7 @@ class Settings:
     recent_tokens: int = 0
     protect_first: int = 0
     pool_factor: float = 2.0
+    pool_scores: str = "mean"
     window: int = 64
     sinks: int = 4
     pool_width: int = 5
@@ -105,6 +110,8 @@ class Settings:
         if isinstance(pf, bool) or not isinstance(pf, (int, float)) or math.isnan(pf) or pf < 1:
             raise EMLoCError(f"pool_factor must be a number >= 1 (the pool in final budgets), got {pf!r}")
         object.__setattr__(self, "pool_factor", float(pf))
+        if self.pool_scores not in POOL_SCORES:
+            raise EMLoCError(f"pool_scores must be one of {POOL_SCORES}, got {self.pool_scores!r}")
         lg = self.layer_group
         if isinstance(lg, bool) or not isinstance(lg, int) or lg < 1:
             raise EMLoCError(f"layer_group must be an integer >= 1 (1 = the faithful search), got {lg!r}")

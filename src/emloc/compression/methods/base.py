@@ -27,8 +27,9 @@ class ChunkStep:
     tokens_total                 the whole context's tokens, or None where it is not known up
                                  front (images and videos are rendered chunk by chunk)
     last                         True for the context's last chunk
-    probe                        for methods with needs_probe: the worker, the context, the
-                                 ProbeBatch, layer inputs, scores per layer and the teacher
+    probe                        for methods with needs_probe: the context, the ProbeBatch,
+                                 layer inputs, scores per layer, the teacher and rotary tables
+    state                        the method's own state across the chunks of one compression
     """
 
     adapter: object
@@ -42,6 +43,7 @@ class ChunkStep:
     tokens_total: int | None
     last: bool
     probe: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict)
 
     @property
     def chunk_len(self) -> int:

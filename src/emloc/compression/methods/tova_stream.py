@@ -25,4 +25,4 @@ class StreamingTOVA(SelectionMethod):
 
     def decide(self, step):
         tokens = step.tokens_seen if step.last else (step.tokens_total or step.tokens_seen)
-        return pooled_decisions(step, tova_scores, final_size(step.settings.keep_ratio, tokens))
+        return pooled_decisions(step, tova_scores, final_size(step.settings.keep_ratio, tokens), accumulate=False)
